@@ -1,0 +1,1 @@
+"""Retrieval metrics, the evaluation protocol, plots and reports."""

@@ -1,0 +1,99 @@
+"""Typed training configuration; every default is the paper's (METHODS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from rshash.errors import RshashError
+
+Method = Literal["duch", "chnr"]
+Weighting = Literal["soft", "cubed", "discrete", "ones"]
+
+
+@dataclass
+class LossConfig:
+    """L = NTX(h_i,h_t) + NTX(h_i,h_i') + NTX(h_t,h_t') + α·L_adv + β·L_q + γ·L_bb."""
+
+    alpha: float = 0.01
+    beta: float = 0.001
+    gamma: float = 0.01
+    temperature: float = 1.0
+    gp_weight: float = 10.0
+    intra_modal: bool = True
+    reduction: Literal["sum", "mean"] = "sum"
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    lr_step: int = 50
+    lr_gamma: float = 0.8
+    disc_lr: float = 1e-4
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+
+
+@dataclass
+class CHNRConfig:
+    """Noise detector and the two CHNR phases; `meta_epochs` of `optim.epochs` are phase 1."""
+
+    meta_epochs: int = 75
+    weighting: Weighting = "discrete"
+    detector_lr: float = 1e-4
+    detector_betas: tuple[float, float] = (0.5, 0.9)
+    detector_gp_weight: float = 10.0
+    detector_dropout: float = 0.2
+    noise: float = 0.0
+    clean_fraction: float = 0.3
+    clean_subset: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    features: str
+    method: Method = "duch"
+    bits: int = 64
+    hidden: int = 4096
+    seed: int = 0
+    split_seed: int = 42
+    caption_mode: Literal["one", "all"] = "one"
+    image_view: Literal["augmented", "plain"] = "augmented"
+    text_view: Literal["augmented", "perturbed", "plain"] = "augmented"
+    device: str = "auto"
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    chnr: CHNRConfig = field(default_factory=CHNRConfig)
+
+    def validate(self) -> None:
+        if self.bits <= 0 or self.bits % 8:
+            raise RshashError(f"--bits must be a positive multiple of 8, got {self.bits}")
+        if self.optim.epochs <= 0 or self.optim.batch_size <= 1:
+            raise RshashError("epochs must be ≥ 1 and batch size ≥ 2")
+        if self.method == "chnr" and not 0 < self.chnr.meta_epochs < self.optim.epochs:
+            raise RshashError(
+                f"CHNR needs 0 < meta epochs ({self.chnr.meta_epochs}) < epochs "
+                f"({self.optim.epochs})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        nested = {"loss": LossConfig, "optim": OptimConfig, "chnr": CHNRConfig}
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            value = d[f.name]
+            if f.name in nested:
+                sub = dict(value)
+                for key in ("disc_betas", "detector_betas"):
+                    if key in sub:
+                        sub[key] = tuple(sub[key])
+                value = nested[f.name](**sub)
+            kwargs[f.name] = value
+        return cls(**kwargs)

@@ -1,0 +1,154 @@
+"""DUCH: the hashing module and one training epoch; CHNR reuses it with per-pair weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rshash.losses import (
+    bit_balance_loss,
+    critic_loss,
+    generator_loss,
+    gradient_penalty,
+    nt_xent,
+    quantization_loss,
+)
+from rshash.models import CodeDiscriminator, HashNet
+from rshash.training.config import TrainConfig
+from rshash.training.data import PairFeatures
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator fixed by (seed, epoch, stream), so a resumed run repeats the same epoch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+class DUCHTrainer:
+    """Hash networks, discriminator, optimisers and target codes B, with a DUCH epoch.
+
+    `state_dict`/`load_state_dict` cover everything a resumed run needs.
+    """
+
+    def __init__(self, cfg: TrainConfig, pairs: PairFeatures, device: torch.device) -> None:
+        self.cfg, self.pairs, self.device = cfg, pairs, device
+        bits = cfg.bits
+        self.image_net = HashNet(pairs.image.shape[1], bits, cfg.hidden).to(device)
+        self.text_net = HashNet(pairs.text.shape[1], bits, cfg.hidden).to(device)
+        self.image_net.set_standardisation(pairs.image)
+        self.text_net.set_standardisation(pairs.text)
+        self.discriminator = CodeDiscriminator(bits).to(device)
+        o = cfg.optim
+        self.hash_optim = torch.optim.Adam(
+            [*self.image_net.parameters(), *self.text_net.parameters()],
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+        )
+        self.disc_optim = torch.optim.Adam(
+            self.discriminator.parameters(), lr=o.disc_lr, betas=o.disc_betas
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.hash_optim, o.lr_step, o.lr_gamma)
+        init = torch.randint(0, 2, (len(pairs), bits), generator=epoch_generator(cfg.seed, -1))
+        self.targets = (init * 2 - 1).float().to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "image_net": self.image_net.state_dict(),
+            "text_net": self.text_net.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "hash_optim": self.hash_optim.state_dict(),
+            "disc_optim": self.disc_optim.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "targets": self.targets,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.image_net.load_state_dict(state["image_net"])
+        self.text_net.load_state_dict(state["text_net"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.hash_optim.load_state_dict(state["hash_optim"])
+        self.disc_optim.load_state_dict(state["disc_optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.targets = state["targets"].to(self.device)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        return self.hash_epoch(epoch, np.arange(len(self.pairs)), weights=None)
+
+    def hash_epoch(
+        self, epoch: int, subset: np.ndarray, weights: torch.Tensor | None
+    ) -> dict[str, float]:
+        """One pass over the training pairs `subset`; B of those pairs is refreshed at the end.
+
+        `weights` (one per training pair) scale the image-caption contrastive term per anchor
+        and the intra-modal terms by their batch mean.
+        """
+        gen = epoch_generator(self.cfg.seed, epoch)
+        order = torch.from_numpy(subset)[torch.randperm(len(subset), generator=gen)]
+        code_sum = torch.zeros_like(self.targets)
+        totals: dict[str, float] = {}
+        self.image_net.train()
+        self.text_net.train()
+        self.discriminator.train()
+        bs = self.cfg.optim.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs].to(self.device)
+            if len(idx) < 2:
+                continue
+            w = weights[idx] if weights is not None else None
+            terms, codes = self._step(idx, w, gen)
+            code_sum[idx] += codes
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+        touched = torch.from_numpy(subset).to(self.device)
+        self.targets[touched] = torch.where(code_sum[touched] >= 0, 1.0, -1.0)
+        self.scheduler.step()
+        return totals
+
+    def _step(
+        self, idx: torch.Tensor, w: torch.Tensor | None, gen: torch.Generator
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        p, lc = self.pairs, self.cfg.loss
+        h_i = self.image_net(p.image[idx])
+        h_i2 = self.image_net(p.image_aug[idx])
+        h_t = self.text_net(p.text[idx])
+        h_t2 = self.text_net(p.text_aug[idx])
+
+        # Discriminator step on detached codes: the hash networks are untouched.
+        real, fake = h_t.detach(), h_i.detach()
+        gp = gradient_penalty(self.discriminator, real, fake, generator=gen)
+        d_loss = critic_loss(self.discriminator(real), self.discriminator(fake)) + lc.gp_weight * gp
+        self.disc_optim.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_optim.step()
+
+        # Hash-network step: the discriminator's parameters are frozen for it.
+        self.discriminator.requires_grad_(False)
+        inter = nt_xent(h_i, h_t, lc.temperature, w, lc.reduction)
+        intra = torch.zeros((), device=self.device)
+        if lc.intra_modal:
+            w_mean = w.mean().expand(len(idx)) if w is not None else None
+            intra = nt_xent(h_i, h_i2, lc.temperature, w_mean, lc.reduction) + nt_xent(
+                h_t, h_t2, lc.temperature, w_mean, lc.reduction
+            )
+        adv = generator_loss(self.discriminator(h_i))
+        quant = quantization_loss(self.targets[idx], (h_i, h_i2, h_t, h_t2))
+        balance = sum(bit_balance_loss(h) for h in (h_i, h_i2, h_t, h_t2))
+        loss = inter + intra + lc.alpha * adv + lc.beta * quant + lc.gamma * balance
+        self.hash_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.hash_optim.step()
+        self.discriminator.requires_grad_(True)
+
+        codes = (h_i + h_i2 + h_t + h_t2).detach()
+        terms = {
+            "loss": loss.item(),
+            "inter": inter.item(),
+            "intra": intra.item(),
+            "adversarial": adv.item(),
+            "quantization": quant.item(),
+            "bit_balance": float(balance),
+            "discriminator": d_loss.item(),
+        }
+        return terms, codes
+

@@ -1,0 +1,138 @@
+"""Training entry point and the run directory it writes.
+
+A run directory holds `config.json` (full config, provenance), `split.json`, `history.json`
+(every loss term per epoch), `checkpoint.pt` (last epoch, for resuming) and `model.pt`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rshash.data.splits import Split, make_split
+from rshash.errors import RshashError
+from rshash.features.store import FeatureStore
+from rshash.fileio import atomic_path, write_json_atomic
+from rshash.models import HashNet
+from rshash.reproducibility import provenance, resolve_device, seed_everything
+from rshash.training.config import TrainConfig
+from rshash.training.data import training_pairs
+from rshash.training.duch import DUCHTrainer
+from rshash.training.loop import config_key, run_epochs
+
+MODEL = "model.pt"
+
+
+def load_or_make_split(run_dir: Path, store: FeatureStore, cfg: TrainConfig) -> Split:
+    path = run_dir / "split.json"
+    if path.exists():
+        split = Split.load(path)
+        split.check_matches(store.image_ids, str(store.path))
+        return split
+    split = make_split(
+        image_ids=store.image_ids,
+        caption_counts=store.caption_counts,
+        seed=cfg.split_seed,
+        caption_mode=cfg.caption_mode,
+    )
+    split.save(path)
+    return split
+
+
+def build_trainer(cfg: TrainConfig, store: FeatureStore, split: Split, run_dir: Path) -> Any:
+    device = resolve_device(cfg.device)
+    pairs = training_pairs(store, split, cfg.image_view, cfg.text_view, device)
+    if cfg.method == "duch":
+        return DUCHTrainer(cfg, pairs, device)
+    from rshash.training.chnr import CHNRTrainer
+
+    return CHNRTrainer(cfg, pairs, store, split, run_dir, device)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True) -> Path:
+    """Train `cfg.method` on `cfg.features`; resumes if `run_dir` holds a checkpoint of it."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    store = FeatureStore.open(cfg.features)
+    store.require_text()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    split = load_or_make_split(run_dir, store, cfg)
+    trainer = build_trainer(cfg, store, split, run_dir)
+    write_json_atomic(
+        run_dir / "config.json",
+        {"config": cfg.to_dict(), "features": store.metadata, **provenance()},
+    )
+    started = time.perf_counter()
+    run_epochs(trainer, cfg.optim.epochs, run_dir, config_key(cfg.to_dict()), progress)
+    model = {
+        "bits": cfg.bits,
+        "hidden": cfg.hidden,
+        "method": cfg.method,
+        "image_dim": trainer.image_net.in_dim,
+        "text_dim": trainer.text_net.in_dim,
+        "image_net": trainer.image_net.state_dict(),
+        "text_net": trainer.text_net.state_dict(),
+        "image_encoder": store.metadata["image_encoder"]["name"],
+        "text_encoder": store.metadata["text_encoder"]["name"],
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    with atomic_path(run_dir / MODEL) as tmp:
+        torch.save(model, tmp)
+    return run_dir
+
+
+@dataclass
+class HashRun:
+    """A trained run: its config, split and hash networks, ready to encode features to codes."""
+
+    path: Path
+    config: TrainConfig
+    split: Split
+    image_net: HashNet
+    text_net: HashNet
+    info: dict[str, Any]
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @classmethod
+    def open(cls, path: str | Path) -> HashRun:
+        path = Path(path)
+        model_path = path / MODEL
+        if not model_path.is_file():
+            raise RshashError(f"{path}: not a finished training run (no {MODEL})")
+        import json
+
+        cfg = TrainConfig.from_dict(json.loads((path / "config.json").read_text())["config"])
+        info = torch.load(model_path, map_location="cpu", weights_only=False)
+        image_net = HashNet(info["image_dim"], info["bits"], info["hidden"])
+        text_net = HashNet(info["text_dim"], info["bits"], info["hidden"])
+        image_net.load_state_dict(info.pop("image_net"))
+        text_net.load_state_dict(info.pop("text_net"))
+        return cls(path, cfg, Split.load(path / "split.json"), image_net.eval(), text_net.eval(), info)
+
+    def check_features(self, store: FeatureStore) -> None:
+        enc = (store.metadata["image_encoder"]["name"], (store.metadata.get("text_encoder") or {}).get("name"))
+        if enc[0] != self.info["image_encoder"]:
+            raise RshashError(
+                f"{store.path}: image features from {enc[0]!r}, but the run was trained on "
+                f"{self.info['image_encoder']!r} features"
+            )
+        if store.text and enc[1] != self.info["text_encoder"]:
+            raise RshashError(
+                f"{store.path}: text features from {enc[1]!r}, but the run was trained on "
+                f"{self.info['text_encoder']!r} features"
+            )
+
+    def encode_images(self, features: np.ndarray) -> np.ndarray:
+        return self.image_net.codes(torch.from_numpy(features)).numpy()
+
+    def encode_texts(self, features: np.ndarray) -> np.ndarray:
+        return self.text_net.codes(torch.from_numpy(features)).numpy()
