@@ -156,7 +156,9 @@ class SentenceTransformerText(TextEncoder):
         else:
             self.name, path = f"sentence-transformers:{spec}", spec
         self.model = SentenceTransformer(path, device=str(device))
-        self.dim = int(self.model.get_sentence_embedding_dimension() or 0)
+        dim_of = getattr(self.model, "get_embedding_dimension", None)
+        dim_of = dim_of or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim_of() or 0)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = self.model.encode(list(texts), batch_size=len(texts), convert_to_numpy=True)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,8 @@ def extract_features(ds: Dataset, out: str | Path, cfg: ExtractConfig, progress:
     unique = sorted(set(views.raw + views.augmented + views.perturbed)) if views else []
     key = _job_key(ds, cfg)
 
+    if partial_path.exists() and not _readable(partial_path):
+        partial_path.unlink()  # killed mid-write beyond repair: start over
     mode = "a" if partial_path.exists() else "w"
     with h5py.File(partial_path, mode) as f:
         if f.attrs.get("job_key") not in (None, key):
@@ -222,5 +224,9 @@ def extract_features(ds: Dataset, out: str | Path, cfg: ExtractConfig, progress:
     return out
 
 
-def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
-    return asdict(cfg)
+def _readable(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "job_key" in f.attrs
+    except OSError:
+        return False

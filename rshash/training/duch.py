@@ -147,7 +147,7 @@ class DUCHTrainer:
             "intra": intra.item(),
             "adversarial": adv.item(),
             "quantization": quant.item(),
-            "bit_balance": float(balance),
+            "bit_balance": float(balance.detach()),
             "discriminator": d_loss.item(),
         }
         return terms, codes

@@ -1,0 +1,188 @@
+"""The `rshash` command line: data, features, train, encode, evaluate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from rshash.errors import RshashError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+features_app = typer.Typer(no_args_is_help=True, help="Extract encoder features.")
+app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
+
+SkipBad = Annotated[
+    bool, typer.Option("--skip-bad", help="Skip unreadable images and report them instead of failing.")
+]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="Caption-JSON file/folder or class-folder archive.")],
+    skip_bad: SkipBad = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Counts, classes, captions per image, caption lengths and image sizes."""
+    from rshash.data import load_dataset
+    from rshash.data.inspect import describe, format_description
+
+    info = describe(load_dataset(path, skip_bad=skip_bad))
+    typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@features_app.command("extract")
+def features_extract(
+    dataset: Annotated[Path, typer.Argument(help="Dataset to encode.")],
+    out: Annotated[Path, typer.Option("--out", help="Feature store to write (HDF5).")],
+    image_encoder: Annotated[str, typer.Option(help="Image encoder name.")] = "efficientnet-lite0",
+    text_encoder: Annotated[str, typer.Option(help="Text encoder name.")] = "all-minilm-l6-v2",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
+    device: Device = "auto",
+    skip_bad: SkipBad = False,
+) -> None:
+    """Encode both views of every image and caption; resumes an interrupted run."""
+    from rshash.data import load_dataset
+    from rshash.features import ExtractConfig, FeatureStore, extract_features
+
+    ds = load_dataset(dataset, skip_bad=skip_bad)
+    if ds.skipped:
+        typer.echo(f"skipped {len(ds.skipped)} unreadable images:", err=True)
+        for image_id, reason in ds.skipped:
+            typer.echo(f"  {image_id}: {reason}", err=True)
+    cfg = ExtractConfig(image_encoder=image_encoder, text_encoder=text_encoder,
+                        image_batch=batch_size, seed=seed, device=device)
+    path = extract_features(ds, out, cfg)
+    store = FeatureStore.open(path)
+    typer.echo(f"wrote {path}")
+    for view, m in store.image.items():
+        typer.echo(f"  image/{view:<10} {m.shape[0]} x {m.shape[1]}")
+    for view, m in store.text.items():
+        typer.echo(f"  text/{view:<11} {m.shape[0]} x {m.shape[1]}")
+
+
+@app.command()
+def train(
+    features: Annotated[Path, typer.Option(help="Feature store from `rshash features extract`.")],
+    out: Annotated[Path, typer.Option(help="Run directory (resumed if it holds a checkpoint).")],
+    method: Annotated[str, typer.Option(help="duch or chnr.")] = "duch",
+    bits: Annotated[int, typer.Option(help="Code length K.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Training epochs (CHNR: both phases).")] = 100,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the train/query/retrieval split.")] = 42,
+    caption_mode: Annotated[str, typer.Option(help="one (paper protocol) or all captions.")] = "one",
+    text_view: Annotated[str, typer.Option(help="augmented, perturbed or plain.")] = "augmented",
+    image_view: Annotated[str, typer.Option(help="augmented or plain.")] = "augmented",
+    alpha: Annotated[float, typer.Option(help="Adversarial weight α.")] = 0.01,
+    beta: Annotated[float, typer.Option(help="Quantisation weight β.")] = 0.001,
+    gamma: Annotated[float, typer.Option(help="Bit-balance weight γ.")] = 0.01,
+    temperature: Annotated[float, typer.Option(help="NT-Xent temperature τ.")] = 1.0,
+    intra_modal: Annotated[bool, typer.Option(help="Use the intra-modal contrastive terms.")] = True,
+    device: Device = "auto",
+) -> None:
+    """Train hash functions and write a run directory."""
+    from rshash.training import LossConfig, OptimConfig, TrainConfig
+    from rshash.training import train as train_run
+
+    _check_choice("--method", method, ("duch", "chnr"))
+    _check_choice("--caption-mode", caption_mode, ("one", "all"))
+    _check_choice("--text-view", text_view, ("augmented", "perturbed", "plain"))
+    _check_choice("--image-view", image_view, ("augmented", "plain"))
+    cfg = TrainConfig(
+        features=str(features),
+        method=method,  # type: ignore[arg-type]
+        bits=bits,
+        seed=seed,
+        split_seed=split_seed,
+        caption_mode=caption_mode,  # type: ignore[arg-type]
+        image_view=image_view,  # type: ignore[arg-type]
+        text_view=text_view,  # type: ignore[arg-type]
+        device=device,
+        loss=LossConfig(alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
+                        intra_modal=intra_modal),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size),
+    )
+    run = train_run(cfg, out)
+    typer.echo(f"wrote {run} (evaluate with: rshash evaluate {run})")
+
+
+@app.command()
+def encode(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    features: Annotated[Path, typer.Option(help="Feature store to encode.")],
+    out: Annotated[Path | None, typer.Option(help="Output .npz (default RUN/codes.npz).")] = None,
+) -> None:
+    """Binary codes (packed bits) for every image and caption of a feature store."""
+    from rshash.features import FeatureStore
+    from rshash.fileio import atomic_path
+    from rshash.training import HashRun
+
+    hash_run = HashRun.open(run)
+    store = FeatureStore.open(features)
+    hash_run.check_features(store)
+    arrays = {
+        "image_ids": np.array(store.image_ids),
+        "image_codes": np.packbits(hash_run.encode_images(store.image["plain"]) > 0, axis=1),
+    }
+    if store.text:
+        arrays["caption_image"] = store.caption_owner
+        arrays["text_codes"] = np.packbits(hash_run.encode_texts(store.text["plain"]) > 0, axis=1)
+    target = out or hash_run.path / "codes.npz"
+    with atomic_path(target) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, bits=hash_run.bits, **arrays)
+    n_text = len(arrays.get("text_codes", ()))
+    typer.echo(f"wrote {target}: {store.num_images} image and {n_text} caption codes "
+               f"of {hash_run.bits} bits")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    features: Annotated[Path | None, typer.Option(help="Feature store (default: the run's).")] = None,
+) -> None:
+    """Score a run per PROTOCOL.md; writes metrics.json, plots/ and report.md into it."""
+    from rshash.evaluation.report import format_table
+    from rshash.evaluation.run_report import evaluate_and_report
+
+    metrics = evaluate_and_report(run, features)
+    typer.echo(format_table(metrics))
+    typer.echo(f"wrote {run}/metrics.json, {run}/report.md and {run}/plots/")
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RshashError(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RshashError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
+        sys.exit(code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

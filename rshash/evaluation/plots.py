@@ -1,0 +1,63 @@
+"""PNG plots of a run: PR curves over Hamming radius, precision@k curves, loss curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rshash.evaluation.protocol import DIRECTION_NAMES  # noqa: E402
+from rshash.fileio import atomic_path  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_pr_curves(metrics: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, d in metrics["directions"].items():
+        pr = d["pr_radius"]
+        ax.plot(pr["recall"], pr["precision"], marker=".", label=DIRECTION_NAMES[name])
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=f"Precision-recall within Hamming radius ({metrics['bits']} bits)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_precision_at_k(metrics: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, d in metrics["directions"].items():
+        p = d["precision_at_k"]
+        ax.plot(p["k"], p["precision"], marker=".", label=DIRECTION_NAMES[name])
+    ax.set(xlabel="k (retrieved items)", ylabel="precision@k", xscale="log", ylim=(0, 1.02),
+           title=f"Precision@k ({metrics['bits']} bits)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_loss_curves(history: list[dict[str, float]], path: Path) -> None:
+    skip = {"epoch", "seconds"}
+    terms = [k for k in history[0] if k not in skip] if history else []
+    cols = 4
+    rows = max(1, -(-len(terms) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    epochs = [h["epoch"] + 1 for h in history]
+    for ax, term in zip(axes.flat, terms, strict=False):
+        ax.plot(epochs, [h.get(term, float("nan")) for h in history])
+        ax.set_title(term, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(terms):]:
+        ax.axis("off")
+    fig.suptitle("Training loss terms per epoch (sum over batches)")
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real datasets (RSHASH_DATA overrides ../shared/datasets) and cached
+real UCM features, extracted once and reused across tests and runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path(os.environ.get("RSHASH_DATA", REPO.parent / "shared" / "datasets"))
+CACHE = REPO / ".cache" / "tests"
+UCM = DATA_ROOT / "ucm-captions"
+RSSCN7 = DATA_ROOT / "rsscn7"
+
+
+@pytest.fixture(scope="session")
+def ucm_path() -> Path:
+    assert UCM.is_dir(), f"real UCM data missing at {UCM} (set RSHASH_DATA)"
+    return UCM
+
+
+@pytest.fixture(scope="session")
+def ucm_features(ucm_path: Path) -> Path:
+    """Default-encoder features of all of UCM-Captions (a few minutes on 2 CPU cores, cached)."""
+    from rshash.data import load_dataset
+    from rshash.features import ExtractConfig, extract_features
+
+    out = CACHE / "ucm-features.h5"
+    if not out.exists():
+        extract_features(load_dataset(ucm_path), out, ExtractConfig(), progress=False)
+    return out
+
+
+def make_caption_dataset(root: Path, per_class: int = 4, classes: tuple[int, ...] = (0, 8, 16)) -> Path:
+    """A small caption-JSON dataset of real UCM images and captions (copied into `root`)."""
+    src = json.loads((UCM / "dataset.json").read_text())
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images = []
+    for entry in src["images"]:
+        if entry["classcode"] in classes and sum(
+            1 for e in images if e["classcode"] == entry["classcode"]
+        ) < per_class:
+            shutil.copy(UCM / "images" / entry["filename"], root / "images" / entry["filename"])
+            images.append(entry)
+    (root / "dataset.json").write_text(json.dumps({"dataset": "ucm-mini", "images": images}))
+    return root
+
+
+@pytest.fixture
+def mini_dataset(tmp_path: Path, ucm_path: Path) -> Path:
+    return make_caption_dataset(tmp_path / "mini")
