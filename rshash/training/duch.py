@@ -108,21 +108,41 @@ class DUCHTrainer:
     def _step(
         self, idx: torch.Tensor, w: torch.Tensor | None, gen: torch.Generator
     ) -> tuple[dict[str, float], torch.Tensor]:
-        p, lc = self.pairs, self.cfg.loss
-        h_i = self.image_net(p.image[idx])
-        h_i2 = self.image_net(p.image_aug[idx])
-        h_t = self.text_net(p.text[idx])
-        h_t2 = self.text_net(p.text_aug[idx])
+        codes = self.forward_codes(idx)
+        d_loss = self.discriminator_step(codes[0], codes[2], gen)
+        terms = self.hash_step(idx, codes, w)
+        terms["discriminator"] = d_loss
+        return terms, sum(h.detach() for h in codes)  # type: ignore[return-value]
 
-        # Discriminator step on detached codes: the hash networks are untouched.
-        real, fake = h_t.detach(), h_i.detach()
+    def forward_codes(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Continuous codes (h_i, h_i', h_t, h_t') of the training pairs `idx`."""
+        p = self.pairs
+        return (
+            self.image_net(p.image[idx]),
+            self.image_net(p.image_aug[idx]),
+            self.text_net(p.text[idx]),
+            self.text_net(p.text_aug[idx]),
+        )
+
+    def discriminator_step(
+        self, h_image: torch.Tensor, h_text: torch.Tensor, gen: torch.Generator | None = None
+    ) -> float:
+        """One critic update on detached codes; the hash networks are untouched."""
+        real, fake = h_text.detach(), h_image.detach()
         gp = gradient_penalty(self.discriminator, real, fake, generator=gen)
-        d_loss = critic_loss(self.discriminator(real), self.discriminator(fake)) + lc.gp_weight * gp
+        loss = critic_loss(self.discriminator(real), self.discriminator(fake))
+        loss = loss + self.cfg.loss.gp_weight * gp
         self.disc_optim.zero_grad(set_to_none=True)
-        d_loss.backward()
+        loss.backward()
         self.disc_optim.step()
+        return loss.item()
 
-        # Hash-network step: the discriminator's parameters are frozen for it.
+    def hash_step(
+        self, idx: torch.Tensor, codes: tuple[torch.Tensor, ...], w: torch.Tensor | None
+    ) -> dict[str, float]:
+        """One update of both hash networks on the full DUCH loss; the critic is frozen."""
+        lc = self.cfg.loss
+        h_i, h_i2, h_t, h_t2 = codes
         self.discriminator.requires_grad_(False)
         inter = nt_xent(h_i, h_t, lc.temperature, w, lc.reduction)
         intra = torch.zeros((), device=self.device)
@@ -132,23 +152,18 @@ class DUCHTrainer:
                 h_t, h_t2, lc.temperature, w_mean, lc.reduction
             )
         adv = generator_loss(self.discriminator(h_i))
-        quant = quantization_loss(self.targets[idx], (h_i, h_i2, h_t, h_t2))
-        balance = sum(bit_balance_loss(h) for h in (h_i, h_i2, h_t, h_t2))
+        quant = quantization_loss(self.targets[idx], codes)
+        balance = torch.stack([bit_balance_loss(h) for h in codes]).sum()
         loss = inter + intra + lc.alpha * adv + lc.beta * quant + lc.gamma * balance
         self.hash_optim.zero_grad(set_to_none=True)
         loss.backward()
         self.hash_optim.step()
         self.discriminator.requires_grad_(True)
-
-        codes = (h_i + h_i2 + h_t + h_t2).detach()
-        terms = {
+        return {
             "loss": loss.item(),
             "inter": inter.item(),
             "intra": intra.item(),
             "adversarial": adv.item(),
             "quantization": quant.item(),
-            "bit_balance": float(balance.detach()),
-            "discriminator": d_loss.item(),
+            "bit_balance": balance.item(),
         }
-        return terms, codes
-
