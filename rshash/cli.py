@@ -19,7 +19,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 
 SkipBad = Annotated[
-    bool, typer.Option("--skip-bad", help="Skip unreadable images and report them instead of failing.")
+    bool,
+    typer.Option("--skip-bad", help="Skip unreadable images and report them instead of failing."),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
 
@@ -58,8 +59,13 @@ def features_extract(
         typer.echo(f"skipped {len(ds.skipped)} unreadable images:", err=True)
         for image_id, reason in ds.skipped:
             typer.echo(f"  {image_id}: {reason}", err=True)
-    cfg = ExtractConfig(image_encoder=image_encoder, text_encoder=text_encoder,
-                        image_batch=batch_size, seed=seed, device=device)
+    cfg = ExtractConfig(
+        image_encoder=image_encoder,
+        text_encoder=text_encoder,
+        image_batch=batch_size,
+        seed=seed,
+        device=device,
+    )
     path = extract_features(ds, out, cfg)
     store = FeatureStore.open(path)
     typer.echo(f"wrote {path}")
@@ -79,14 +85,18 @@ def train(
     batch_size: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the train/query/retrieval split.")] = 42,
-    caption_mode: Annotated[str, typer.Option(help="one (paper protocol) or all captions.")] = "one",
+    caption_mode: Annotated[
+        str, typer.Option(help="one (paper protocol) or all captions.")
+    ] = "one",
     text_view: Annotated[str, typer.Option(help="augmented, perturbed or plain.")] = "augmented",
     image_view: Annotated[str, typer.Option(help="augmented or plain.")] = "augmented",
     alpha: Annotated[float, typer.Option(help="Adversarial weight α.")] = 0.01,
     beta: Annotated[float, typer.Option(help="Quantisation weight β.")] = 0.001,
     gamma: Annotated[float, typer.Option(help="Bit-balance weight γ.")] = 0.01,
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature τ.")] = 1.0,
-    intra_modal: Annotated[bool, typer.Option(help="Use the intra-modal contrastive terms.")] = True,
+    intra_modal: Annotated[
+        bool, typer.Option(help="Use the intra-modal contrastive terms.")
+    ] = True,
     device: Device = "auto",
 ) -> None:
     """Train hash functions and write a run directory."""
@@ -107,8 +117,9 @@ def train(
         image_view=image_view,  # type: ignore[arg-type]
         text_view=text_view,  # type: ignore[arg-type]
         device=device,
-        loss=LossConfig(alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
-                        intra_modal=intra_modal),
+        loss=LossConfig(
+            alpha=alpha, beta=beta, gamma=gamma, temperature=temperature, intra_modal=intra_modal
+        ),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size),
     )
     run = train_run(cfg, out)
@@ -138,16 +149,20 @@ def encode(
         arrays["text_codes"] = np.packbits(hash_run.encode_texts(store.text["plain"]) > 0, axis=1)
     target = out or hash_run.path / "codes.npz"
     with atomic_path(target) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, bits=hash_run.bits, **arrays)
+        np.savez(fh, bits=np.array(hash_run.bits), **arrays)  # type: ignore[arg-type]
     n_text = len(arrays.get("text_codes", ()))
-    typer.echo(f"wrote {target}: {store.num_images} image and {n_text} caption codes "
-               f"of {hash_run.bits} bits")
+    typer.echo(
+        f"wrote {target}: {store.num_images} image and {n_text} caption codes "
+        f"of {hash_run.bits} bits"
+    )
 
 
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    features: Annotated[Path | None, typer.Option(help="Feature store (default: the run's).")] = None,
+    features: Annotated[
+        Path | None, typer.Option(help="Feature store (default: the run's).")
+    ] = None,
 ) -> None:
     """Score a run per PROTOCOL.md; writes metrics.json, plots/ and report.md into it."""
     from rshash.evaluation.report import format_table

@@ -33,7 +33,9 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 
 
 def write_json_atomic(target: str | Path, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(
+        target, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
 
 
 def _json_default(obj: Any) -> Any:

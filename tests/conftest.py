@@ -35,15 +35,18 @@ def ucm_features(ucm_path: Path) -> Path:
     return out
 
 
-def make_caption_dataset(root: Path, per_class: int = 4, classes: tuple[int, ...] = (0, 8, 16)) -> Path:
+def make_caption_dataset(
+    root: Path, per_class: int = 4, classes: tuple[int, ...] = (0, 8, 16)
+) -> Path:
     """A small caption-JSON dataset of real UCM images and captions (copied into `root`)."""
     src = json.loads((UCM / "dataset.json").read_text())
     (root / "images").mkdir(parents=True, exist_ok=True)
     images = []
     for entry in src["images"]:
-        if entry["classcode"] in classes and sum(
-            1 for e in images if e["classcode"] == entry["classcode"]
-        ) < per_class:
+        if (
+            entry["classcode"] in classes
+            and sum(1 for e in images if e["classcode"] == entry["classcode"]) < per_class
+        ):
             shutil.copy(UCM / "images" / entry["filename"], root / "images" / entry["filename"])
             images.append(entry)
     (root / "dataset.json").write_text(json.dumps({"dataset": "ucm-mini", "images": images}))

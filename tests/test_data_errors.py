@@ -20,8 +20,9 @@ def _edit_json(root, edit):
 
 
 def _rshash(*args):
-    return subprocess.run([sys.executable, "-m", "rshash.cli", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "rshash.cli", *map(str, args)], capture_output=True, text=True
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,15 @@ def test_ucm_captions_loads_completely():
 def test_rsscn7_class_folders():
     ds = load_dataset(RSSCN7)
     assert len(ds) == 2800
-    assert ds.class_names == ("aGrass", "bField", "cIndustry", "dRiverLake", "eForest",
-                              "fResident", "gParking")
+    assert ds.class_names == (
+        "aGrass",
+        "bField",
+        "cIndustry",
+        "dRiverLake",
+        "eForest",
+        "fResident",
+        "gParking",
+    )
     assert np.bincount(ds.labels).tolist() == [400] * 7
     assert not ds.has_captions
 

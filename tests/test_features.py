@@ -71,10 +71,21 @@ def test_extraction_shapes_finite_and_deterministic(mini_dataset, tmp_path):
 def test_resume_after_kill_equals_uninterrupted(mini_dataset, tmp_path):
     whole = _extract(mini_dataset, tmp_path / "whole.h5")
     out = tmp_path / "killed.h5"
-    cmd = [sys.executable, "-m", "rshash.cli", "features", "extract", str(mini_dataset),
-           "--out", str(out), "--batch-size", "4"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_MININTERVAL": "0"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "rshash.cli",
+        "features",
+        "extract",
+        str(mini_dataset),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_MININTERVAL": "0"}
+    )
     seen = ""
     deadline = time.time() + 300
     assert proc.stderr is not None
@@ -90,8 +101,14 @@ def test_resume_after_kill_equals_uninterrupted(mini_dataset, tmp_path):
     with h5py.File(partial, "r") as f:
         done = f["progress/images"][...]
     assert 0 < done.sum() < len(done), f"kill landed outside image extraction: {done}"
-    resumed = FeatureStore.open(extract_features(
-        load_dataset(mini_dataset), out, ExtractConfig(image_batch=4, text_batch=16), progress=False))
+    resumed = FeatureStore.open(
+        extract_features(
+            load_dataset(mini_dataset),
+            out,
+            ExtractConfig(image_batch=4, text_batch=16),
+            progress=False,
+        )
+    )
     for view in ("plain", "augmented"):
         assert np.array_equal(resumed.image[view], whole.image[view])
     assert np.array_equal(resumed.text["augmented"], whole.text["augmented"])

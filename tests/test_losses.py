@@ -22,8 +22,11 @@ def _hand_nt_xent(u, v, tau, w=None):
     total = 0.0
     for a in range(2 * n):
         pos = a + n if a < n else a - n
-        sims = {b: sum(p * q for p, q in zip(z[a], z[b], strict=True)) / tau
-                for b in range(2 * n) if b != a}
+        sims = {
+            b: sum(p * q for p, q in zip(z[a], z[b], strict=True)) / tau
+            for b in range(2 * n)
+            if b != a
+        }
         denom = sum(math.exp(s) for s in sims.values())
         loss = -math.log(math.exp(sims[pos]) / denom)
         total += loss * (w[a % n] if w else 1.0)

@@ -22,8 +22,13 @@ def _same(before, module):
 
 
 def _small_trainer(ucm_features, tmp_path, bits=16):
-    cfg = TrainConfig(features=str(ucm_features), bits=bits, hidden=64, device="cpu",
-                      optim=OptimConfig(epochs=4, batch_size=64))
+    cfg = TrainConfig(
+        features=str(ucm_features),
+        bits=bits,
+        hidden=64,
+        device="cpu",
+        optim=OptimConfig(epochs=4, batch_size=64),
+    )
     store = FeatureStore.open(ucm_features)
     split = load_or_make_split(tmp_path, store, cfg)
     pairs = training_pairs(store, split, "augmented", "augmented", torch.device("cpu"))
@@ -51,8 +56,11 @@ def test_adversarial_gradient_reaches_image_net_only(ucm_features, tmp_path):
     from rshash.losses import generator_loss
 
     generator_loss(tr.discriminator(codes[0])).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in tr.image_net.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in tr.image_net.parameters()
+        if p.requires_grad
+    )
     assert all(p.grad is None for p in tr.text_net.parameters())
 
 
@@ -65,8 +73,13 @@ def test_targets_become_signs_of_mean_codes(ucm_features, tmp_path):
 
 
 def test_interrupted_training_resumes_to_the_same_result(ucm_features, tmp_path, monkeypatch):
-    cfg = TrainConfig(features=str(ucm_features), bits=16, hidden=64, device="cpu",
-                      optim=OptimConfig(epochs=4, batch_size=128))
+    cfg = TrainConfig(
+        features=str(ucm_features),
+        bits=16,
+        hidden=64,
+        device="cpu",
+        optim=OptimConfig(epochs=4, batch_size=128),
+    )
     train(cfg, tmp_path / "whole", progress=False)
     original = DUCHTrainer.run_epoch
 
@@ -82,8 +95,9 @@ def test_interrupted_training_resumes_to_the_same_result(ucm_features, tmp_path,
     monkeypatch.setattr(DUCHTrainer, "run_epoch", original)
     train(cfg, tmp_path / "resumed", progress=False)
     a, b = HashRun.open(tmp_path / "whole"), HashRun.open(tmp_path / "resumed")
-    for x, y in zip(a.image_net.state_dict().values(), b.image_net.state_dict().values(),
-                    strict=True):
+    for x, y in zip(
+        a.image_net.state_dict().values(), b.image_net.state_dict().values(), strict=True
+    ):
         assert torch.equal(x, y)
     hist = json.loads((tmp_path / "resumed" / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
@@ -99,10 +113,19 @@ def test_short_duch_run_on_real_ucm_beats_chance(ucm_features, tmp_path):
     i2t = metrics["directions"]["i2t"]["map@20_duch"]
     t2i = metrics["directions"]["t2i"]["map@20_duch"]
     chance = 1 / 21
-    message = f"mAP@20 (DUCH def.) after 15 epochs: I→T {i2t:.3f}, T→I {t2i:.3f}; chance ≈ {chance:.3f}"
+    message = (
+        f"mAP@20 (DUCH def.) after 15 epochs: I→T {i2t:.3f}, T→I {t2i:.3f}; chance ≈ {chance:.3f}"
+    )
     assert i2t > 0.75 and t2i > 0.8, message
-    for name in ("metrics.json", "report.md", "plots/pr_curves.png", "plots/loss_curves.png",
-                 "plots/precision_at_k.png", "split.json", "config.json"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "plots/pr_curves.png",
+        "plots/loss_curves.png",
+        "plots/precision_at_k.png",
+        "split.json",
+        "config.json",
+    ):
         assert (run / name).exists(), name
     codes = HashRun.open(run).encode_images(FeatureStore.open(ucm_features).image["plain"][:5])
     assert codes.shape == (5, 64) and set(np.unique(codes)) <= {-1, 1}

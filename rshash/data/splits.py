@@ -33,7 +33,11 @@ class Split:
     image_ids: tuple[str, ...]
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "query": len(self.query), "retrieval": len(self.retrieval)}
+        return {
+            "train": len(self.train),
+            "query": len(self.query),
+            "retrieval": len(self.retrieval),
+        }
 
     def caption_rows(self, images: np.ndarray, caption_offsets: np.ndarray) -> np.ndarray:
         """Rows of the flattened caption matrix used for `images` under this split's mode."""

@@ -20,7 +20,9 @@ def hamming_distance(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
     return dist.astype(np.uint8 if bits < 256 else np.uint16)
 
 
-def ranked_relevance(dist: np.ndarray, query_labels: np.ndarray, item_labels: np.ndarray) -> np.ndarray:
+def ranked_relevance(
+    dist: np.ndarray, query_labels: np.ndarray, item_labels: np.ndarray
+) -> np.ndarray:
     """Relevance (Q×N bool) of items in ranked order: stable sort by distance."""
     order = np.argsort(dist, axis=1, kind="stable")
     return item_labels[order] == query_labels[:, None]
@@ -51,7 +53,7 @@ def average_precision_standard(relevant: np.ndarray, k: int) -> np.ndarray:
     return np.divide(score, n, out=np.zeros(len(n)), where=n > 0)
 
 
-def precision_at(relevant: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+def precision_at(relevant: np.ndarray, ks: Sequence[int] | np.ndarray) -> np.ndarray:
     """Precision@k (Q×len(ks)) for each k (clipped to the number of items)."""
     hits = np.cumsum(relevant, axis=1)
     cols = np.minimum(np.asarray(ks), relevant.shape[1]) - 1
@@ -121,9 +123,10 @@ def score_retrieval(
     bits = query_codes.shape[1]
     n_items = item_codes.shape[0]
     pks = np.array([k for k in precision_ks if k <= n_items] or [n_items])
-    map_at = {k: [] for k in ks}
-    map_std = {k: [] for k in ks}
-    map_all, prec = [], []
+    map_at: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    map_std: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    map_all: list[np.ndarray] = []
+    prec: list[np.ndarray] = []
     within_sum = np.zeros(bits + 1)
     within_n = np.zeros(bits + 1)
     recall_sum = np.zeros(bits + 1)

@@ -8,10 +8,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from rshash.evaluation.protocol import DIRECTION_NAMES  # noqa: E402
-from rshash.fileio import atomic_path  # noqa: E402
+from rshash.evaluation.protocol import DIRECTION_NAMES
+from rshash.fileio import atomic_path
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -25,8 +25,13 @@ def plot_pr_curves(metrics: dict[str, Any], path: Path) -> None:
     for name, d in metrics["directions"].items():
         pr = d["pr_radius"]
         ax.plot(pr["recall"], pr["precision"], marker=".", label=DIRECTION_NAMES[name])
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-           title=f"Precision-recall within Hamming radius ({metrics['bits']} bits)")
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+        title=f"Precision-recall within Hamming radius ({metrics['bits']} bits)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
@@ -37,8 +42,13 @@ def plot_precision_at_k(metrics: dict[str, Any], path: Path) -> None:
     for name, d in metrics["directions"].items():
         p = d["precision_at_k"]
         ax.plot(p["k"], p["precision"], marker=".", label=DIRECTION_NAMES[name])
-    ax.set(xlabel="k (retrieved items)", ylabel="precision@k", xscale="log", ylim=(0, 1.02),
-           title=f"Precision@k ({metrics['bits']} bits)")
+    ax.set(
+        xlabel="k (retrieved items)",
+        ylabel="precision@k",
+        xscale="log",
+        ylim=(0, 1.02),
+        title=f"Precision@k ({metrics['bits']} bits)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
@@ -56,7 +66,7 @@ def plot_loss_curves(history: list[dict[str, float]], path: Path) -> None:
         ax.set_title(term, fontsize=10)
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(terms):]:
+    for ax in list(axes.flat)[len(terms) :]:
         ax.axis("off")
     fig.suptitle("Training loss terms per epoch (sum over batches)")
     fig.tight_layout()

@@ -39,8 +39,10 @@ class ImageEncoder(ABC):
 
     def to_tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Stack PIL images into a normalised float batch (N, 3, H, W)."""
-        arr = np.stack([np.asarray(img, dtype=np.float32) for img in images]) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        pixels = np.stack([np.asarray(img, dtype=np.float32) for img in images])
+        mean = np.asarray(self.mean, np.float32) * 255
+        std = np.asarray(self.std, np.float32) * 255
+        arr = ((pixels - mean) / std).astype(np.float32)
         return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
     @abstractmethod
@@ -238,15 +240,19 @@ def _resolve(name: str, registry: dict[str, Any], kind: str) -> tuple[Any, str]:
     prefix, _, spec = name.partition(":")
     if prefix in registry and (spec or ":" not in name):
         return registry[prefix], spec
-    known = ", ".join(k if k.startswith(("efficientnet", "all-")) else f"{k}:PATH" for k in registry)
+    known = ", ".join(
+        k if k.startswith(("efficientnet", "all-")) else f"{k}:PATH" for k in registry
+    )
     raise RshashError(f"unknown {kind} encoder {name!r}; expected one of: {known}")
 
 
 def load_image_encoder(name: str, device: torch.device) -> ImageEncoder:
     factory, spec = _resolve(name, IMAGE_ENCODERS, "image")
-    return factory(device, spec)  # type: ignore[no-any-return]
+    encoder: ImageEncoder = factory(device, spec)
+    return encoder
 
 
 def load_text_encoder(name: str, device: torch.device) -> TextEncoder:
     factory, spec = _resolve(name, TEXT_ENCODERS, "text")
-    return factory(device, spec)  # type: ignore[no-any-return]
+    encoder: TextEncoder = factory(device, spec)
+    return encoder

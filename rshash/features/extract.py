@@ -166,8 +166,14 @@ def _metadata(ds: Dataset, cfg: ExtractConfig, img: ImageEncoder, txt: TextEncod
     }
 
 
-def _write_final(target: Path, partial: h5py.File, ds: Dataset, views: CaptionViews | None,
-                 unique_index: dict[str, int] | None, meta: dict) -> None:
+def _write_final(
+    target: Path,
+    partial: h5py.File,
+    ds: Dataset,
+    views: CaptionViews | None,
+    unique_index: dict[str, int] | None,
+    meta: dict,
+) -> None:
     with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
         out.attrs["metadata"] = json.dumps(meta)
         out["image/plain"] = partial["image/plain"][...]
@@ -182,14 +188,19 @@ def _write_final(target: Path, partial: h5py.File, ds: Dataset, views: CaptionVi
             owner = np.repeat(np.arange(len(ds)), np.diff(views.offsets))
             caption_ids = [f"{ds.image_ids[o]}#{r - views.offsets[o]}" for r, o in enumerate(owner)]
             out["ids/caption"] = np.array(caption_ids, dtype=_STR)
-            for name, texts in (("plain", views.raw), ("augmented", views.augmented),
-                                ("perturbed", views.perturbed)):
+            for name, texts in (
+                ("plain", views.raw),
+                ("augmented", views.augmented),
+                ("perturbed", views.perturbed),
+            ):
                 out[f"text/{name}"] = unique[[unique_index[t] for t in texts]]
                 key = "raw" if name == "plain" else name
                 out[f"captions/{key}"] = np.array(texts, dtype=_STR)
 
 
-def extract_features(ds: Dataset, out: str | Path, cfg: ExtractConfig, progress: bool = True) -> Path:
+def extract_features(
+    ds: Dataset, out: str | Path, cfg: ExtractConfig, progress: bool = True
+) -> Path:
     """Extract both views of every image and caption of `ds` into the store `out`."""
     out = Path(out)
     partial_path = out.with_name(out.name + ".partial")

@@ -63,7 +63,11 @@ class FeatureStore:
         path = Path(path)
         if not path.is_file():
             partial = path.with_name(path.name + ".partial")
-            hint = " (an unfinished extraction exists: run it again to resume)" if partial.exists() else ""
+            hint = (
+                " (an unfinished extraction exists: run it again to resume)"
+                if partial.exists()
+                else ""
+            )
             raise DataError(f"{path}: feature file is missing{hint}")
         try:
             with h5py.File(path, "r") as f:

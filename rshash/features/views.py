@@ -40,7 +40,9 @@ class ImageViewConfig:
 def _resize_short(img: Image.Image, short: int) -> Image.Image:
     w, h = img.size
     scale = short / min(w, h)
-    return img.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
+    return img.resize(
+        (max(short, round(w * scale)), max(short, round(h * scale))), Image.Resampling.BICUBIC
+    )
 
 
 def _centre_crop(img: Image.Image, side: int) -> Image.Image:
@@ -58,10 +60,10 @@ def augmented_view(img: Image.Image, cfg: ImageViewConfig, rng: np.random.Genera
     radius = float(rng.uniform(*cfg.blur_radius))
     scale = float(rng.uniform(*cfg.crop_scale))
     img = _resize_short(img, cfg.resize)
-    img = img.rotate(angle, resample=Image.BILINEAR)
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR)
     img = img.filter(ImageFilter.GaussianBlur(radius))
     side = int(min(img.size) * scale)
-    return _centre_crop(img, side).resize((cfg.size, cfg.size), Image.BICUBIC)
+    return _centre_crop(img, side).resize((cfg.size, cfg.size), Image.Resampling.BICUBIC)
 
 
 def perturb_caption(text: str, rng: np.random.Generator, drop: float = 0.15) -> str:

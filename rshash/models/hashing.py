@@ -13,6 +13,9 @@ class HashNet(nn.Module):
     takes raw encoder features and a saved model needs nothing else to encode.
     """
 
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(self, in_dim: int, bits: int, hidden: int = 4096) -> None:
         super().__init__()
         self.in_dim, self.bits, self.hidden = in_dim, bits, hidden

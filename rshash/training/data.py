@@ -25,8 +25,9 @@ class PairFeatures:
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def with_captions_of(self, other_rows: np.ndarray, store: FeatureStore, text_view: str,
-                         device: torch.device) -> PairFeatures:
+    def with_captions_of(
+        self, other_rows: np.ndarray, store: FeatureStore, text_view: str, device: torch.device
+    ) -> PairFeatures:
         """The same images paired with the caption rows `other_rows` (for noise injection)."""
         return PairFeatures(
             image=self.image,

@@ -116,10 +116,15 @@ class HashRun:
         text_net = HashNet(info["text_dim"], info["bits"], info["hidden"])
         image_net.load_state_dict(info.pop("image_net"))
         text_net.load_state_dict(info.pop("text_net"))
-        return cls(path, cfg, Split.load(path / "split.json"), image_net.eval(), text_net.eval(), info)
+        return cls(
+            path, cfg, Split.load(path / "split.json"), image_net.eval(), text_net.eval(), info
+        )
 
     def check_features(self, store: FeatureStore) -> None:
-        enc = (store.metadata["image_encoder"]["name"], (store.metadata.get("text_encoder") or {}).get("name"))
+        enc = (
+            store.metadata["image_encoder"]["name"],
+            (store.metadata.get("text_encoder") or {}).get("name"),
+        )
         if enc[0] != self.info["image_encoder"]:
             raise RshashError(
                 f"{store.path}: image features from {enc[0]!r}, but the run was trained on "
