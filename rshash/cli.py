@@ -81,7 +81,9 @@ def train(
     out: Annotated[Path, typer.Option(help="Run directory (resumed if it holds a checkpoint).")],
     method: Annotated[str, typer.Option(help="duch or chnr.")] = "duch",
     bits: Annotated[int, typer.Option(help="Code length K.")] = 64,
-    epochs: Annotated[int, typer.Option(help="Training epochs (CHNR: both phases).")] = 100,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs in all (default: DUCH 100, CHNR 150).")
+    ] = None,
     batch_size: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the train/query/retrieval split.")] = 42,
@@ -97,16 +99,40 @@ def train(
     intra_modal: Annotated[
         bool, typer.Option(help="Use the intra-modal contrastive terms.")
     ] = True,
+    noise: Annotated[
+        float | None, typer.Option(help="CHNR experiments: swap training captions with prob. p.")
+    ] = None,
+    clean_fraction: Annotated[
+        float, typer.Option(help="CHNR: protected clean (meta) fraction c of training pairs.")
+    ] = 0.3,
+    clean_subset: Annotated[
+        Path | None, typer.Option(help="CHNR on your own data: file of verified image ids.")
+    ] = None,
+    weighting: Annotated[
+        str, typer.Option(help="CHNR: soft, cubed, discrete or ones.")
+    ] = "discrete",
+    meta_epochs: Annotated[
+        int | None, typer.Option(help="CHNR: phase-1 epochs (default: half of --epochs).")
+    ] = None,
     device: Device = "auto",
 ) -> None:
     """Train hash functions and write a run directory."""
-    from rshash.training import LossConfig, OptimConfig, TrainConfig
+    from rshash.training import CHNRConfig, LossConfig, OptimConfig, TrainConfig
     from rshash.training import train as train_run
 
     _check_choice("--method", method, ("duch", "chnr"))
     _check_choice("--caption-mode", caption_mode, ("one", "all"))
     _check_choice("--text-view", text_view, ("augmented", "perturbed", "plain"))
     _check_choice("--image-view", image_view, ("augmented", "plain"))
+    _check_choice("--weighting", weighting, ("soft", "cubed", "discrete", "ones"))
+    if method == "chnr" and (noise is None) == (clean_subset is None):
+        raise RshashError(
+            "--method chnr needs exactly one of --noise P (experiments with injected noise) "
+            "or --clean-subset FILE (pairs you verified)"
+        )
+    if method == "duch" and (noise is not None or clean_subset is not None):
+        raise RshashError("--noise and --clean-subset apply to --method chnr only")
+    total = epochs or (150 if method == "chnr" else 100)
     cfg = TrainConfig(
         features=str(features),
         method=method,  # type: ignore[arg-type]
@@ -120,7 +146,14 @@ def train(
         loss=LossConfig(
             alpha=alpha, beta=beta, gamma=gamma, temperature=temperature, intra_modal=intra_modal
         ),
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size),
+        optim=OptimConfig(epochs=total, batch_size=batch_size),
+        chnr=CHNRConfig(
+            meta_epochs=meta_epochs or total // 2,
+            weighting=weighting,  # type: ignore[arg-type]
+            noise=noise or 0.0,
+            clean_fraction=clean_fraction,
+            clean_subset=str(clean_subset) if clean_subset else None,
+        ),
     )
     run = train_run(cfg, out)
     typer.echo(f"wrote {run} (evaluate with: rshash evaluate {run})")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,20 @@ class Dataset:
             )
         return self.labels
 
+    def subset(self, indices: list[int] | np.ndarray) -> Dataset:
+        """The images at `indices` (in that order), with their captions and labels."""
+        keep = [int(i) for i in indices]
+        return Dataset(
+            name=self.name,
+            source=self.source,
+            image_ids=tuple(self.image_ids[i] for i in keep),
+            image_paths=tuple(self.image_paths[i] for i in keep),
+            captions=tuple(self.captions[i] for i in keep),
+            labels=self.labels[keep] if self.labels is not None else None,
+            class_names=self.class_names,
+            skipped=self.skipped,
+        )
+
     def require_captions(self) -> None:
         if not self.has_captions:
             raise DataError(f"{self.source}: dataset has no captions, but this step needs them")
@@ -76,18 +90,8 @@ def drop_bad_images(ds: Dataset, skip_bad: bool) -> Dataset:
         more = f" (and {len(bad) - 1} more; --skip-bad skips them)" if len(bad) > 1 else ""
         raise DataError(f"{ds.image_paths[index]}: {reason}{more}")
     bad_set = {i for i, _ in bad}
-    keep = [i for i in range(len(ds)) if i not in bad_set]
-    labels = ds.labels[keep] if ds.labels is not None else None
-    return Dataset(
-        name=ds.name,
-        source=ds.source,
-        image_ids=tuple(ds.image_ids[i] for i in keep),
-        image_paths=tuple(ds.image_paths[i] for i in keep),
-        captions=tuple(ds.captions[i] for i in keep),
-        labels=labels,
-        class_names=ds.class_names,
-        skipped=tuple((ds.image_ids[i], reason) for i, reason in bad),
-    )
+    kept = ds.subset([i for i in range(len(ds)) if i not in bad_set])
+    return replace(kept, skipped=tuple((ds.image_ids[i], reason) for i, reason in bad))
 
 
 def load_dataset(path: str | Path, skip_bad: bool = False, check_images: bool = True) -> Dataset:

@@ -225,10 +225,16 @@ def extract_features(
         total = len(ds) + len(unique)
         with tqdm(total=total, desc="features", unit="item", disable=not progress) as bar:
             _extract_images(f, ds, cfg, img_enc, bar)
+            images_done = time.perf_counter()
             if txt_enc is not None:
                 _extract_texts(f, unique, cfg, txt_enc, bar)
         meta = _metadata(ds, cfg, img_enc, txt_enc)
-        meta["extract_seconds"] = round(time.perf_counter() - started, 2)
+        meta["timing"] = {
+            "image_seconds": round(images_done - started, 3),
+            "text_seconds": round(time.perf_counter() - images_done, 3),
+            "unique_texts": len(unique),
+            "resumed": mode == "a",
+        }
         index = {t: i for i, t in enumerate(unique)} if views else None
         _write_final(out, f, ds, views, index, meta)
     partial_path.unlink()

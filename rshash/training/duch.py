@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,13 @@ class DUCHTrainer:
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         return self.hash_epoch(epoch, np.arange(len(self.pairs)), weights=None)
+
+    def model_extras(self) -> dict[str, Any]:
+        """Method-specific parts of the saved model beyond the two hash networks."""
+        return {}
+
+    def write_outputs(self, run_dir: Path) -> None:
+        """Method-specific files written into the run directory after training."""
 
     def hash_epoch(
         self, epoch: int, subset: np.ndarray, weights: torch.Tensor | None

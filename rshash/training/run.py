@@ -44,7 +44,9 @@ def load_or_make_split(run_dir: Path, store: FeatureStore, cfg: TrainConfig) -> 
     return split
 
 
-def build_trainer(cfg: TrainConfig, store: FeatureStore, split: Split, run_dir: Path) -> Any:
+def build_trainer(
+    cfg: TrainConfig, store: FeatureStore, split: Split, run_dir: Path
+) -> DUCHTrainer:
     device = resolve_device(cfg.device)
     pairs = training_pairs(store, split, cfg.image_view, cfg.text_view, device)
     if cfg.method == "duch":
@@ -81,7 +83,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True) -> Path:
         "image_encoder": store.metadata["image_encoder"]["name"],
         "text_encoder": store.metadata["text_encoder"]["name"],
         "train_seconds": round(time.perf_counter() - started, 2),
+        **trainer.model_extras(),
     }
+    trainer.write_outputs(run_dir)
     with atomic_path(run_dir / MODEL) as tmp:
         torch.save(model, tmp)
     return run_dir

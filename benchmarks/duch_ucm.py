@@ -1,0 +1,163 @@
+"""DUCH on UCM per PROTOCOL.md: bits 16/32/64/128 × seeds, and an ablation at 64 bits.
+
+Seed s trains with seed s on the split drawn with seed 42 + s. mAP@20 is in the DUCH definition
+(the one of ../shared/anchors). Finished runs are reused, so an interrupted benchmark resumes.
+Usage: python -m benchmarks.duch_ucm [--bits 16 32 64 128] [--seeds 0 1 2] [--no-ablation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import ANCHORS, CACHE, DATA_ROOT, markdown_table, write_results
+from rshash.data import load_dataset
+from rshash.evaluation.protocol import evaluate_run
+from rshash.features import ExtractConfig, FeatureStore, extract_features
+from rshash.training import HashRun, TrainConfig, train
+
+DIRECTIONS = ("i2t", "t2i", "i2i", "t2t")
+ABLATIONS: dict[str, Callable[[TrainConfig], TrainConfig]] = {
+    "full": lambda c: c,
+    "no adversarial (α=0)": lambda c: replace(c, loss=replace(c.loss, alpha=0.0)),
+    "no intra-modal terms": lambda c: replace(c, loss=replace(c.loss, intra_modal=False)),
+    "no bit balance (γ=0)": lambda c: replace(c, loss=replace(c.loss, gamma=0.0)),
+    "rule-based text view": lambda c: replace(c, text_view="perturbed"),
+}
+
+
+def ucm_features() -> Path:
+    out = CACHE / "ucm-features.h5"
+    if not out.exists():
+        extract_features(load_dataset(DATA_ROOT / "ucm-captions"), out, ExtractConfig())
+    return out
+
+
+def run_once(cfg: TrainConfig, run_dir: Path, store: FeatureStore) -> dict[str, Any]:
+    """Train (or reuse) one run and return its mAP@20 (DUCH def.) per direction."""
+    done = run_dir / "bench.json"
+    if done.exists():
+        return dict(json.loads(done.read_text()))
+    train(cfg, run_dir, progress=False)
+    run = HashRun.open(run_dir)
+    metrics = evaluate_run(run, store)["directions"]
+    record = {f"{d}_map20": metrics[d]["map@20_duch"] for d in DIRECTIONS}
+    record["train_seconds"] = run.info["train_seconds"]
+    done.write_text(json.dumps(record))
+    return record
+
+
+def base_config(features: Path, bits: int, seed: int, epochs: int) -> TrainConfig:
+    cfg = TrainConfig(features=str(features), bits=bits, seed=seed, split_seed=42 + seed)
+    return replace(cfg, optim=replace(cfg.optim, epochs=epochs))
+
+
+def paper_rows() -> dict[tuple[str, int], float]:
+    rows: dict[tuple[str, int], float] = {}
+    with (ANCHORS / "duch-paper-map20.csv").open() as fh:
+        for r in csv.DictReader(line for line in fh if not line.startswith("#")):
+            if r["dataset"] == "UCM" and r["method"] == "DUCH":
+                for bits in (16, 32, 64, 128):
+                    rows[(r["direction"].lower(), bits)] = float(r[str(bits)])
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--no-ablation", action="store_true")
+    args = parser.parse_args()
+    features = ucm_features()
+    store = FeatureStore.open(features)
+    runs = CACHE / "runs"
+
+    records = []
+    for bits in args.bits:
+        for seed in args.seeds:
+            cfg = base_config(features, bits, seed, args.epochs)
+            rec = run_once(cfg, runs / f"duch-b{bits}-s{seed}-e{args.epochs}", store)
+            records.append({"bits": bits, "seed": seed, **rec})
+            print(json.dumps(records[-1]), flush=True)
+    paper = paper_rows()
+    rows = []
+    for bits in args.bits:
+        sel = [r for r in records if r["bits"] == bits]
+        row = [str(bits)]
+        for d in ("i2t", "t2i"):
+            ours = [r[f"{d}_map20"] for r in sel]
+            row += [
+                _mean_std(ours),
+                f"{paper[(d, bits)]:.3f}",
+                f"{np.mean(ours) / paper[(d, bits)]:.2f}",
+            ]
+        row += [_mean_std([r[f"{d}_map20"] for r in sel]) for d in ("i2i", "t2t")]
+        row.append(f"{np.mean([r['train_seconds'] for r in sel]):.0f}")
+        rows.append(row)
+    header = [
+        "bits",
+        "I→T ours",
+        "I→T paper",
+        "ratio",
+        "T→I ours",
+        "T→I paper",
+        "ratio",
+        "I→I ours",
+        "T→T ours",
+        "train s",
+    ]
+    title = (
+        f"# DUCH on UCM-Captions, mAP@20 (DUCH definition), mean ± std over seeds "
+        f"{args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
+        f"{args.epochs} epochs, paper defaults. Paper: ResNet-18 + BERT features "
+        "(../shared/anchors/duch-paper-map20.csv).\n\n"
+    )
+    write_results("duch_ucm", records, title + markdown_table(header, rows))
+
+    if args.no_ablation:
+        return
+    ablation = []
+    for name, change in ABLATIONS.items():
+        for seed in args.seeds:
+            cfg = change(base_config(features, 64, seed, args.epochs))
+            tag = "duch-b64" if name == "full" else "abl-" + "".join(c for c in name if c.isalnum())
+            rec = run_once(cfg, runs / f"{tag}-s{seed}-e{args.epochs}", store)
+            ablation.append({"variant": name, "bits": 64, "seed": seed, **rec})
+            print(json.dumps(ablation[-1]), flush=True)
+    full = {
+        d: np.mean([r[f"{d}_map20"] for r in ablation if r["variant"] == "full"])
+        for d in DIRECTIONS
+    }
+    rows = []
+    for name in ABLATIONS:
+        sel = [r for r in ablation if r["variant"] == name]
+        row = [name]
+        for d in DIRECTIONS:
+            vals = [r[f"{d}_map20"] for r in sel]
+            row.append(f"{_mean_std(vals)} ({np.mean(vals) - full[d]:+.3f})")
+        rows.append(row)
+    title = (
+        f"# DUCH ablation at 64 bits on UCM, mAP@20 (DUCH def.), mean ± std over seeds "
+        f"{args.seeds}; in brackets: change against the full method\n\n"
+    )
+    write_results(
+        "duch_ablation",
+        ablation,
+        title + markdown_table(["variant", "I→T", "T→I", "I→I", "T→T"], rows),
+    )
+
+
+if __name__ == "__main__":
+    main()
