@@ -206,6 +206,33 @@ def evaluate(
     typer.echo(f"wrote {run}/metrics.json, {run}/report.md and {run}/plots/")
 
 
+@app.command()
+def audit(
+    run: Annotated[Path, typer.Argument(help="CHNR run directory (holds the noise detector).")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset whose pairs to score.")],
+    features: Annotated[Path, typer.Option(help="Feature store of DATASET.")],
+    out: Annotated[Path, typer.Option(help="Output folder for audit.csv and audit.html.")] = Path(
+        "audit"
+    ),
+    top: Annotated[int, typer.Option(help="Pairs shown on the HTML page.")] = 100,
+) -> None:
+    """Rank every image-caption pair by noise-detector score: CSV and an HTML page."""
+    from rshash.data import load_dataset
+    from rshash.evaluation.audit import audit_pairs, write_csv, write_html
+    from rshash.features import FeatureStore
+    from rshash.training import HashRun
+
+    if top <= 0:
+        raise RshashError(f"--top must be positive, got {top}")
+    ds = load_dataset(dataset)
+    rows = audit_pairs(HashRun.open(run), ds, FeatureStore.open(features))
+    write_csv(rows, out / "audit.csv")
+    write_html(rows, ds, out / "audit.html", top)
+    typer.echo(f"scored {len(rows)} pairs; wrote {out / 'audit.csv'} and {out / 'audit.html'}")
+    for r in rows[:5]:
+        typer.echo(f"  {r.score:.3f}  {r.image_id} [{r.class_name}] {r.caption}")
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise RshashError(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")

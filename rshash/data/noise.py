@@ -52,7 +52,7 @@ def inject_noise(
         raise DataError(f"noise p={p} and clean fraction c={clean_fraction} must lie in [0, 1]")
     rng = np.random.default_rng([seed, 7919])
     clean = np.zeros(n_pairs, dtype=bool)
-    clean[rng.permutation(n_pairs)[: int(round(clean_fraction * n_pairs))]] = True
+    clean[rng.permutation(n_pairs)[: round(clean_fraction * n_pairs)]] = True
     noisy = (~clean) & (rng.random(n_pairs) < p)
     source = np.arange(n_pairs)
     for n in np.flatnonzero(noisy):

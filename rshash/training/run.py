@@ -6,6 +6,7 @@ A run directory holds `config.json` (full config, provenance), `split.json`, `hi
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from rshash.data.splits import Split, make_split
 from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path, write_json_atomic
-from rshash.models import HashNet
+from rshash.models import HashNet, NoiseDetector
 from rshash.reproducibility import provenance, resolve_device, seed_everything
 from rshash.training.config import TrainConfig
 from rshash.training.data import training_pairs
@@ -101,6 +102,7 @@ class HashRun:
     image_net: HashNet
     text_net: HashNet
     info: dict[str, Any]
+    detector: NoiseDetector | None = None
 
     @property
     def bits(self) -> int:
@@ -112,17 +114,19 @@ class HashRun:
         model_path = path / MODEL
         if not model_path.is_file():
             raise RshashError(f"{path}: not a finished training run (no {MODEL})")
-        import json
-
         cfg = TrainConfig.from_dict(json.loads((path / "config.json").read_text())["config"])
         info = torch.load(model_path, map_location="cpu", weights_only=False)
         image_net = HashNet(info["image_dim"], info["bits"], info["hidden"])
         text_net = HashNet(info["text_dim"], info["bits"], info["hidden"])
         image_net.load_state_dict(info.pop("image_net"))
         text_net.load_state_dict(info.pop("text_net"))
-        return cls(
-            path, cfg, Split.load(path / "split.json"), image_net.eval(), text_net.eval(), info
-        )
+        detector = None
+        if "detector" in info:
+            detector = NoiseDetector(info["image_dim"], info["text_dim"])
+            detector.load_state_dict(info.pop("detector"))
+            detector.eval()
+        split = Split.load(path / "split.json")
+        return cls(path, cfg, split, image_net.eval(), text_net.eval(), info, detector)
 
     def check_features(self, store: FeatureStore) -> None:
         enc = (
@@ -139,6 +143,20 @@ class HashRun:
                 f"{store.path}: text features from {enc[1]!r}, but the run was trained on "
                 f"{self.info['text_encoder']!r} features"
             )
+
+    def pair_scores(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        """Noise-detector score (sigmoid, 1 = looks like a true pair) of aligned feature rows."""
+        if self.detector is None:
+            raise RshashError(f"{self.path}: run has no noise detector (train with --method chnr)")
+        i, t = self.image_net, self.text_net
+        x = torch.cat(
+            [
+                (torch.from_numpy(image_features) - i.feature_mean) / i.feature_std,
+                (torch.from_numpy(text_features) - t.feature_mean) / t.feature_std,
+            ],
+            dim=1,
+        )
+        return self.detector.weights(x).numpy()
 
     def encode_images(self, features: np.ndarray) -> np.ndarray:
         return self.image_net.codes(torch.from_numpy(features)).numpy()
