@@ -71,3 +71,20 @@ def plot_loss_curves(history: list[dict[str, float]], path: Path) -> None:
     fig.suptitle("Training loss terms per epoch (sum over batches)")
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_weight_distributions(weights: list[float], noisy: list[bool], path: Path) -> None:
+    """Histograms of CHNR pair weights for truly clean and truly noisy training pairs."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    clean_w = [w for w, n in zip(weights, noisy, strict=True) if not n]
+    noisy_w = [w for w, n in zip(weights, noisy, strict=True) if n]
+    bins = [i / 25 for i in range(26)]
+    ax.hist(clean_w, bins=bins, alpha=0.6, label=f"clean pairs ({len(clean_w)})")
+    ax.hist(noisy_w, bins=bins, alpha=0.6, label=f"noisy pairs ({len(noisy_w)})")
+    ax.set(
+        xlabel="detector score / pair weight",
+        ylabel="training pairs",
+        title="CHNR pair weights by true noise flag",
+    )
+    ax.legend()
+    _save(fig, path)

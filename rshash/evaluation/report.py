@@ -66,9 +66,24 @@ def markdown_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
             "",
             markdown_table(metrics),
             "",
+            *_noise_lines(metrics),
             "![precision-recall](plots/pr_curves.png)",
             "![precision@k](plots/precision_at_k.png)",
             "![loss curves](plots/loss_curves.png)",
             "",
         ]
     )
+
+
+def _noise_lines(metrics: dict[str, Any]) -> list[str]:
+    nd = metrics.get("noise_detection")
+    if not nd:
+        return []
+    return [
+        f"Noise detection ({nd['weighting']} weights): ROC-AUC {nd['noise_auc']:.3f}, "
+        f"average precision {nd['noise_ap']:.3f} of the pair weights against the true flags; "
+        f"raw detector score ROC-AUC {nd['detector_auc']:.3f}.",
+        "",
+        "![pair weights](plots/pair_weights.png)",
+        "",
+    ]

@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rshash.evaluation.plots import plot_loss_curves, plot_pr_curves, plot_precision_at_k
+from rshash.evaluation.plots import (
+    plot_loss_curves,
+    plot_pr_curves,
+    plot_precision_at_k,
+    plot_weight_distributions,
+)
 from rshash.evaluation.protocol import evaluate_run
 from rshash.evaluation.report import markdown_report
 from rshash.features.store import FeatureStore
@@ -19,16 +24,33 @@ def evaluate_and_report(run_path: str | Path, features: str | Path | None = None
     store = FeatureStore.open(features or run.config.features)
     metrics = evaluate_run(run, store)
     metrics["method"] = run.config.method
-    extra = run.path / "run_metrics.json"
-    if extra.exists():
-        metrics.update(json.loads(extra.read_text()))
-    write_json_atomic(run.path / "metrics.json", metrics)
+    history = _read(run.path / "history.json") or []
     plots = run.path / "plots"
+    detection = _read(run.path / "noise_detection.json")
+    if detection and "noisy" in detection:
+        metrics["noise_detection"] = {
+            "weighting": detection["weighting"],
+            "noise_auc": detection.get("noise_auc"),
+            "noise_ap": detection.get("noise_ap"),
+            "detector_auc": detection.get("detector_auc"),
+            "per_epoch": [
+                {"epoch": h["epoch"], "noise_auc": h["noise_auc"], "noise_ap": h["noise_ap"]}
+                for h in history
+                if "noise_auc" in h
+            ],
+        }
+        plot_weight_distributions(
+            detection["detector_scores"], detection["noisy"], plots / "pair_weights.png"
+        )
+    write_json_atomic(run.path / "metrics.json", metrics)
     plot_pr_curves(metrics, plots / "pr_curves.png")
     plot_precision_at_k(metrics, plots / "precision_at_k.png")
-    history_path = run.path / "history.json"
-    if history_path.exists():
-        plot_loss_curves(json.loads(history_path.read_text()), plots / "loss_curves.png")
+    if history:
+        plot_loss_curves(history, plots / "loss_curves.png")
     config = json.loads((run.path / "config.json").read_text())
     write_text_atomic(run.path / "report.md", markdown_report(metrics, config))
     return metrics
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
