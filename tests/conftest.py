@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,22 @@ def make_caption_dataset(
 @pytest.fixture
 def mini_dataset(tmp_path: Path, ucm_path: Path) -> Path:
     return make_caption_dataset(tmp_path / "mini")
+
+
+@pytest.fixture(scope="session")
+def mini_features(tmp_path_factory: pytest.TempPathFactory, ucm_path: Path) -> Path:
+    """Default-encoder features of a 12-image dataset laid out like `mini_dataset`."""
+    from rshash.data import load_dataset
+    from rshash.features import ExtractConfig, extract_features
+
+    root = make_caption_dataset(tmp_path_factory.mktemp("mini-features") / "mini")
+    out = root.parent / "features.h5"
+    extract_features(load_dataset(root), out, ExtractConfig(image_batch=8), progress=False)
+    return out
+
+
+def rshash_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    """Run the `rshash` command line in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "rshash.cli", *map(str, args)], capture_output=True, text=True
+    )

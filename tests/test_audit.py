@@ -1,24 +1,17 @@
 """`rshash audit` on a small real dataset, with a CHNR run trained from a verified-pairs file."""
 
 import csv
-import subprocess
-import sys
+
+from tests.conftest import rshash_cli
 
 
-def _rshash(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "rshash.cli", *map(str, args)], capture_output=True, text=True
-    )
-
-
-def test_audit_ranks_every_pair(mini_dataset, tmp_path):
-    feats = tmp_path / "f.h5"
-    assert _rshash("features", "extract", mini_dataset, "--out", feats).returncode == 0
+def test_audit_ranks_every_pair(mini_dataset, mini_features, tmp_path):
+    feats = mini_features
     verified = tmp_path / "verified.txt"
     images = sorted(p.name for p in (mini_dataset / "images").iterdir())
     verified.write_text("\n".join(images[::2]))
     run = tmp_path / "chnr"
-    r = _rshash(
+    r = rshash_cli(
         "train",
         "--method",
         "chnr",
@@ -37,7 +30,7 @@ def test_audit_ranks_every_pair(mini_dataset, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "audit"
-    r = _rshash("audit", run, mini_dataset, "--features", feats, "--out", out, "--top", "10")
+    r = rshash_cli("audit", run, mini_dataset, "--features", feats, "--out", out, "--top", "10")
     assert r.returncode == 0, r.stderr
     with (out / "audit.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -50,11 +43,10 @@ def test_audit_ranks_every_pair(mini_dataset, tmp_path):
     assert rows[0]["caption"] in page.replace("&#x27;", "'")
 
 
-def test_audit_needs_a_chnr_run(mini_dataset, tmp_path):
-    feats = tmp_path / "f.h5"
-    assert _rshash("features", "extract", mini_dataset, "--out", feats).returncode == 0
+def test_audit_needs_a_chnr_run(mini_dataset, mini_features, tmp_path):
+    feats = mini_features
     run = tmp_path / "duch"
-    r = _rshash(
+    r = rshash_cli(
         "train",
         "--features",
         feats,
@@ -68,6 +60,6 @@ def test_audit_needs_a_chnr_run(mini_dataset, tmp_path):
         "4",
     )
     assert r.returncode == 0, r.stderr
-    r = _rshash("audit", run, mini_dataset, "--features", feats, "--out", tmp_path / "a")
+    r = rshash_cli("audit", run, mini_dataset, "--features", feats, "--out", tmp_path / "a")
     assert r.returncode == 2 and "no noise detector" in r.stderr
     assert not (tmp_path / "a").exists()

@@ -1,25 +1,19 @@
 """The command line end to end on a small real dataset: extract → train → encode → evaluate."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 
-
-def _rshash(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "rshash.cli", *map(str, args)], capture_output=True, text=True
-    )
+from tests.conftest import rshash_cli
 
 
 def test_cli_pipeline(mini_dataset, tmp_path):
     feats = tmp_path / "f.h5"
-    r = _rshash("features", "extract", mini_dataset, "--out", feats, "--batch-size", "8")
+    r = rshash_cli("features", "extract", mini_dataset, "--out", feats, "--batch-size", "8")
     assert r.returncode == 0, r.stderr
     assert "image/plain      12 x 1280" in r.stdout
     run = tmp_path / "run"
-    r = _rshash(
+    r = rshash_cli(
         "train",
         "--features",
         feats,
@@ -42,11 +36,11 @@ def test_cli_pipeline(mini_dataset, tmp_path):
     assert {"inter", "intra", "adversarial", "quantization", "bit_balance", "discriminator"} <= set(
         history[0]
     )
-    r = _rshash("encode", run, "--features", feats)
+    r = rshash_cli("encode", run, "--features", feats)
     assert r.returncode == 0, r.stderr
     codes = np.load(run / "codes.npz")
     assert codes["image_codes"].shape == (12, 2) and codes["text_codes"].shape == (60, 2)
-    r = _rshash("evaluate", run)
+    r = rshash_cli("evaluate", run)
     assert r.returncode == 0, r.stderr
     assert "mAP@20 (DUCH def.)" in r.stdout and "mAP@20 (standard)" in r.stdout
     assert "I→T" in r.stdout and "T→T" in r.stdout
@@ -62,7 +56,7 @@ def test_cli_errors_are_one_line(tmp_path):
         ("train", "--features", "x.h5", "--out", tmp_path / "r", "--bits", "12"),
     ]
     for args in cases:
-        r = _rshash(*args)
+        r = rshash_cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
@@ -70,7 +64,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_unknown_encoder_is_named(mini_dataset, tmp_path):
-    r = _rshash(
+    r = rshash_cli(
         "features",
         "extract",
         mini_dataset,

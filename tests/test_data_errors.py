@@ -2,13 +2,12 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
 from rshash.data import load_dataset
 from rshash.errors import DataError
+from tests.conftest import rshash_cli
 
 
 def _edit_json(root, edit):
@@ -17,12 +16,6 @@ def _edit_json(root, edit):
     edit(data)
     path.write_text(json.dumps(data))
     return path
-
-
-def _rshash(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "rshash.cli", *map(str, args)], capture_output=True, text=True
-    )
 
 
 @pytest.mark.parametrize(
@@ -71,7 +64,7 @@ def test_skip_bad_reports_which(mini_dataset):
     ds = load_dataset(mini_dataset, skip_bad=True)
     assert len(ds) == 10
     assert {s[0] for s in ds.skipped} == {first.name, second.name}
-    result = _rshash("data", "inspect", mini_dataset, "--skip-bad")
+    result = rshash_cli("data", "inspect", mini_dataset, "--skip-bad")
     assert result.returncode == 0
     assert "skipped      2 unreadable images" in result.stdout and first.name in result.stdout
 
@@ -79,7 +72,7 @@ def test_skip_bad_reports_which(mini_dataset):
 def test_cli_bad_input_one_line_nonzero_and_nothing_written(mini_dataset, tmp_path):
     _break_images(mini_dataset)
     out = tmp_path / "features.h5"
-    result = _rshash("features", "extract", mini_dataset, "--out", out)
+    result = rshash_cli("features", "extract", mini_dataset, "--out", out)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "images/" in lines[0]

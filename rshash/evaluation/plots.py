@@ -20,38 +20,45 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pr_curves(metrics: dict[str, Any], path: Path) -> None:
+def _direction_curves(
+    metrics: dict[str, Any], path: Path, curve: str, x: str, y: str, **axes: Any
+) -> None:
+    """One line per retrieval direction from `metrics["directions"][d][curve]`."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, d in metrics["directions"].items():
-        pr = d["pr_radius"]
-        ax.plot(pr["recall"], pr["precision"], marker=".", label=DIRECTION_NAMES[name])
-    ax.set(
+        ax.plot(d[curve][x], d[curve][y], marker=".", label=DIRECTION_NAMES[name])
+    ax.set(ylim=(0, 1.02), **axes)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_pr_curves(metrics: dict[str, Any], path: Path) -> None:
+    _direction_curves(
+        metrics,
+        path,
+        "pr_radius",
+        "recall",
+        "precision",
         xlabel="recall",
         ylabel="precision",
         xlim=(0, 1.02),
-        ylim=(0, 1.02),
         title=f"Precision-recall within Hamming radius ({metrics['bits']} bits)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
 
 
 def plot_precision_at_k(metrics: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, d in metrics["directions"].items():
-        p = d["precision_at_k"]
-        ax.plot(p["k"], p["precision"], marker=".", label=DIRECTION_NAMES[name])
-    ax.set(
+    _direction_curves(
+        metrics,
+        path,
+        "precision_at_k",
+        "k",
+        "precision",
         xlabel="k (retrieved items)",
         ylabel="precision@k",
         xscale="log",
-        ylim=(0, 1.02),
         title=f"Precision@k ({metrics['bits']} bits)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
 
 
 def plot_loss_curves(history: list[dict[str, float]], path: Path) -> None:
