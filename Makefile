@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade-strategy only-if-needed torch==2.13.0
+	$(PY) -m pip install -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
