@@ -28,19 +28,34 @@ def ranked_relevance(
     return item_labels[order] == query_labels[:, None]
 
 
+def relevant_ranks(relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every relevant item in ranked relevance (Q×N): its query, its 1-based position j
+    among that query's relevant items, and its 1-based rank r_j; plus R per query."""
+    rows, cols = np.nonzero(relevant)
+    counts = np.bincount(rows, minlength=relevant.shape[0])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    j = np.arange(len(rows)) - starts[rows] + 1
+    return rows, np.stack([j, cols + 1]), counts
+
+
+def ap_duch_from_ranks(
+    rows: np.ndarray, j_and_rank: np.ndarray, counts: np.ndarray, k: int
+) -> np.ndarray:
+    """DUCH AP@K from `relevant_ranks` output (see `average_precision_duch`)."""
+    t = np.minimum(k, counts)
+    j, rank = j_and_rank
+    keep = j <= t[rows]
+    score = np.bincount(rows[keep], weights=j[keep] / rank[keep], minlength=len(counts))
+    return np.divide(score, t, out=np.zeros(len(t)), where=t > 0)
+
+
 def average_precision_duch(relevant: np.ndarray, k: int) -> np.ndarray:
     """AP@K in the DUCH definition, per query, from ranked relevance (Q×N).
 
     T = min(K, R) with R the number of relevant items; AP = (1/T) Σ_{j≤T} j / r_j, where r_j is
     the rank of the j-th relevant item in the full ranking. R = 0 scores 0.
     """
-    hits = np.cumsum(relevant, axis=1)
-    total = hits[:, -1]
-    t = np.minimum(k, total)
-    ranks = np.arange(1, relevant.shape[1] + 1)
-    counted = relevant & (hits <= t[:, None])
-    score = np.where(counted, hits / ranks, 0.0).sum(axis=1)
-    return np.divide(score, t, out=np.zeros(len(t)), where=t > 0)
+    return ap_duch_from_ranks(*relevant_ranks(relevant), k)
 
 
 def average_precision_standard(relevant: np.ndarray, k: int) -> np.ndarray:
@@ -131,14 +146,17 @@ def score_retrieval(
     within_n = np.zeros(bits + 1)
     recall_sum = np.zeros(bits + 1)
     recall_n = 0
+    top = max(max(ks), int(pks.max()))
     for sl in _blocks(len(query_codes), block):
         dist = hamming_distance(query_codes[sl], item_codes)
         rel = ranked_relevance(dist, query_labels[sl], item_labels)
+        ranks = relevant_ranks(rel)
+        head = rel[:, :top]
         for k in ks:
-            map_at[k].append(average_precision_duch(rel, k))
-            map_std[k].append(average_precision_standard(rel, k))
-        map_all.append(average_precision_duch(rel, n_items))
-        prec.append(precision_at(rel, pks))
+            map_at[k].append(ap_duch_from_ranks(*ranks, k))
+            map_std[k].append(average_precision_standard(head, k))
+        map_all.append(ap_duch_from_ranks(*ranks, n_items))
+        prec.append(precision_at(head, pks))
         mask = item_labels[None, :] == query_labels[sl, None]
         within, rel_within = radius_counts(dist, mask, bits)
         has = within > 0
