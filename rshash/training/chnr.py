@@ -65,7 +65,7 @@ class CHNRTrainer(DUCHTrainer):
         labels = store.labels[pairs.image_index] if store.labels is not None else None
         self.noisy: np.ndarray | None = None
         if c.clean_subset:
-            pair_ids = [f"{store.image_ids[i]}" for i in pairs.image_index]
+            pair_ids = [store.image_ids[i] for i in pairs.image_index]
             clean = read_clean_subset(c.clean_subset, pair_ids)
             noise_info: dict[str, Any] = {"clean_subset_file": c.clean_subset}
         else:
