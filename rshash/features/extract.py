@@ -212,14 +212,10 @@ def extract_features(
     unique = sorted(set(views.raw + views.augmented + views.perturbed)) if views else []
     key = _job_key(ds, cfg)
 
-    if partial_path.exists() and not _readable(partial_path):
-        partial_path.unlink()  # killed mid-write beyond repair: start over
+    if partial_path.exists() and not _resumable(partial_path, key):
+        partial_path.unlink()  # another job's work, or killed mid-write beyond repair
     mode = "a" if partial_path.exists() else "w"
     with h5py.File(partial_path, mode) as f:
-        if f.attrs.get("job_key") not in (None, key):
-            f.close()
-            partial_path.unlink()
-            return extract_features(ds, out, cfg, progress)
         f.attrs["job_key"] = key
         started = time.perf_counter()
         total = len(ds) + len(unique)
@@ -241,9 +237,10 @@ def extract_features(
     return out
 
 
-def _readable(path: Path) -> bool:
+def _resumable(path: Path, key: str) -> bool:
+    """Whether `path` is an unfinished extraction of this very job that can still be read."""
     try:
         with h5py.File(path, "r") as f:
-            return "job_key" in f.attrs
+            return bool(f.attrs.get("job_key") == key)
     except OSError:
         return False
