@@ -43,7 +43,7 @@ def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, t
         method="chnr",
         device="cpu",
         optim=OptimConfig(epochs=total),
-        chnr=CHNRConfig(meta_epochs=meta, noise=0.5, clean_fraction=0.3, weighting="discrete"),
+        chnr=CHNRConfig(meta_epochs=meta, noise=0.5, clean_fraction=0.3, weighting="soft"),
     )
     store = FeatureStore.open(ucm_features)
     split = load_or_make_split(tmp_path, store, cfg)
@@ -64,10 +64,9 @@ def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, t
         unweighted.run_epoch(epoch)
     ours, base = _map20(weighted, store, split), _map20(unweighted, store, split)
     message = (
-        f"mAP@20 (DUCH def.) at p=0.5: discrete weights I→T {ours['i2t']:.3f} "
+        f"mAP@20 (DUCH def.) at p=0.5: soft weights I→T {ours['i2t']:.3f} "
         f"T→I {ours['t2i']:.3f}; unweighted I→T {base['i2t']:.3f} T→I {base['t2i']:.3f}; "
         f"detector AUC {auc:.3f}"
     )
-    assert ours["i2t"] > base["i2t"], message
-    assert ours["i2t"] + ours["t2i"] > base["i2t"] + base["t2i"], message
+    assert ours["i2t"] + ours["t2i"] > base["i2t"] + base["t2i"] + 0.01, message
     print(message)
