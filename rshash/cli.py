@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -17,19 +17,29 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 features_app = typer.Typer(no_args_is_help=True, help="Extract encoder features.")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+index_app = typer.Typer(no_args_is_help=True, help="Build and maintain search indexes.")
+app.add_typer(index_app, name="index")
 
 SkipBad = Annotated[
     bool,
     typer.Option("--skip-bad", help="Skip unreadable images and report them instead of failing."),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Features = Annotated[
+    Path | None,
+    typer.Option(help="Feature store of the same archive (skips encoding the images again)."),
+]
+Fields = Annotated[
+    Path | None, typer.Option(help="JSON object {image id: {field: value}} stored with items.")
+]
 
 
 @data_app.command("inspect")
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="Caption-JSON file/folder or class-folder archive.")],
     skip_bad: SkipBad = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Counts, classes, captions per image, caption lengths and image sizes."""
     from rshash.data import load_dataset
@@ -231,6 +241,124 @@ def audit(
     typer.echo(f"scored {len(rows)} pairs; wrote {out / 'audit.csv'} and {out / 'audit.html'}")
     for r in rows[:5]:
         typer.echo(f"  {r.score:.3f}  {r.image_id} [{r.class_name}] {r.caption}")
+
+
+@index_app.command("build")
+def index_build(
+    run: Annotated[Path, typer.Argument(help="Trained run directory.")],
+    data: Annotated[Path, typer.Argument(help="Dataset or image folder to index.")],
+    out: Annotated[Path, typer.Option("--out", help="Index directory to create.")],
+    engine: Annotated[str, typer.Option(help="exact, faiss-flat or faiss-ivf.")] = "exact",
+    nprobe: Annotated[int, typer.Option(help="faiss-ivf: cells probed per query.")] = 16,
+    features: Features = None,
+    fields: Fields = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    device: Device = "auto",
+    skip_bad: SkipBad = False,
+) -> None:
+    """Encode every image (and caption) of DATA with RUN's model into a new index."""
+    from rshash.data import load_dataset
+    from rshash.index.build import BuildConfig, build_index, read_extra_fields
+
+    ds = load_dataset(data, skip_bad=skip_bad)
+    params = {"nprobe": nprobe} if engine == "faiss-ivf" else {}
+    cfg = BuildConfig(engine=engine, engine_params=params, image_batch=batch_size, device=device)
+    index = build_index(run, ds, out, cfg, features, read_extra_fields(fields, ds.image_ids))
+    _echo_index(index)
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    data: Annotated[Path, typer.Argument(help="Dataset or image folder to add.")],
+    features: Features = None,
+    fields: Fields = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    device: Device = "auto",
+    skip_bad: SkipBad = False,
+) -> None:
+    """Encode DATA with the index's own model and add it, without rebuilding."""
+    from rshash.data import load_dataset
+    from rshash.index.build import BuildConfig, add_to_index, read_extra_fields
+
+    ds = load_dataset(data, skip_bad=skip_bad)
+    cfg = BuildConfig(image_batch=batch_size, device=device)
+    idx, added = add_to_index(index, ds, cfg, features, read_extra_fields(fields, ds.image_ids))
+    typer.echo(f"added {added} images")
+    _echo_index(idx)
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    ids: Annotated[list[str], typer.Argument(help="Image ids (their captions go too).")],
+) -> None:
+    """Remove images by id."""
+    from rshash.index import Index
+
+    idx = Index.open(index)
+    missing = [i for i in ids if not any(it["id"] == i for it in idx.collections["images"].items)]
+    if missing:
+        raise RshashError(f"{index}: no image with id {missing[0]!r}; nothing removed")
+    removed = idx.remove(ids)
+    idx.commit({"removed": ids})
+    typer.echo(f"removed {removed} images")
+    _echo_index(idx)
+
+
+@index_app.command("info")
+def index_info(index: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
+    """Model, engine, collections and build reports of an index."""
+    from rshash.index import Index
+
+    _echo_index(Index.open(index))
+
+
+def _echo_index(index: Any) -> None:
+    m = index.manifest
+    typer.echo(f"index {index.path}: {m['bits']}-bit codes, engine {m['engine']['name']}")
+    typer.echo(f"model: {m['model']['method']} from {m['model']['source_run']}")
+    for name, info in m["collections"].items():
+        report = ", ".join(f"{k} {v:.3f}" for k, v in info.get("report", {}).items())
+        typer.echo(f"  {name}: {info['count']} items" + (f" ({report})" if report else ""))
+
+
+@app.command()
+def search(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    text: Annotated[str | None, typer.Argument(help="Text query.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Search with this image instead.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 20,
+    radius: Annotated[
+        int | None, typer.Option(help="Return every item within this Hamming radius instead.")
+    ] = None,
+    target: Annotated[str, typer.Option(help="Collection to search: images or captions.")] = (
+        "images"
+    ),
+    as_json: AsJson = False,
+    device: Device = "auto",
+) -> None:
+    """Nearest images (or captions) to a text or an image query, by Hamming distance."""
+    from rshash.index import Index
+
+    if (text is None) == (image is None):
+        raise RshashError("give either a text query or --image FILE")
+    _check_choice("--target", target, ("images", "captions"))
+    if radius is None and k <= 0:
+        raise RshashError(f"-k: expected a positive number of results, got {k}")
+    idx = Index.open(index, device=device)
+    if image is not None:
+        hits = idx.search_image(image, k, target, radius)
+    else:
+        assert text is not None
+        hits = idx.search_text(text, k, target, radius)
+    if as_json:
+        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return
+    for rank, h in enumerate(hits, 1):
+        what = h.item.get("text") or h.item.get("path")
+        cls = h.item.get("class") or "-"
+        typer.echo(f"{rank:4d}  d={h.distance:3d}  {cls:20s}  {h.id}  {what}")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

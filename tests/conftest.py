@@ -77,3 +77,51 @@ def rshash_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rshash.cli", *map(str, args)], capture_output=True, text=True
     )
+
+
+@pytest.fixture(scope="session")
+def ucm_run(ucm_features: Path) -> Path:
+    """A 64-bit DUCH run trained on all of UCM's training split (about a minute on CPU, cached)."""
+    from rshash.training import OptimConfig, TrainConfig, train
+
+    run = CACHE / "ucm-duch64"
+    if not (run / "model.pt").exists():
+        cfg = TrainConfig(features=str(ucm_features), bits=64, optim=OptimConfig(epochs=60))
+        train(cfg, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def rsscn7_index(ucm_run: Path) -> Path:
+    """Every RSSCN7 image encoded with the UCM-trained run (a minute or two on CPU, cached)."""
+    from rshash.data import load_dataset
+    from rshash.index.build import build_index
+
+    out = CACHE / "rsscn7-index"
+    if not _index_of(out, ucm_run):
+        shutil.rmtree(out, ignore_errors=True)
+        build_index(ucm_run, load_dataset(RSSCN7), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ucm_index(ucm_run: Path, ucm_features: Path, ucm_path: Path) -> Path:
+    """All of UCM (images and captions) indexed from the cached features (seconds)."""
+    from rshash.data import load_dataset
+    from rshash.index.build import build_index
+
+    out = CACHE / "ucm-index"
+    if not _index_of(out, ucm_run):
+        shutil.rmtree(out, ignore_errors=True)
+        build_index(ucm_run, load_dataset(ucm_path), out, features=ucm_features, progress=False)
+    return out
+
+
+def _index_of(path: Path, run: Path) -> bool:
+    """Whether `path` holds an index built with `run`'s current model."""
+    from rshash.index.index import model_fingerprint
+
+    manifest = path / "index.json"
+    return manifest.exists() and json.loads(manifest.read_text())["model"][
+        "fingerprint"
+    ] == model_fingerprint(run)

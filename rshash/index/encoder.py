@@ -1,0 +1,80 @@
+"""Images and texts → packed hash codes, with the exact encoders and views a run was trained on."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rshash.data.images import load_rgb
+from rshash.errors import RshashError
+from rshash.features.encoders import (
+    ImageEncoder,
+    TextEncoder,
+    load_image_encoder,
+    load_text_encoder,
+)
+from rshash.features.views import ImageViewConfig, plain_view
+from rshash.index.packing import pack_codes
+from rshash.reproducibility import resolve_device
+from rshash.training.run import HashRun
+
+
+class CodeEncoder:
+    """Feature encoders + hash networks of one run; encoders load on first use."""
+
+    def __init__(self, run: HashRun, device: str = "auto") -> None:
+        self.run = run
+        self.device = resolve_device(device)
+        features = json.loads((run.path / "config.json").read_text())["features"]
+        views: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in features["preprocessing"]["image_views"].items()
+        }
+        self.views = ImageViewConfig(**views)
+        self._image: ImageEncoder | None = None
+        self._text: TextEncoder | None = None
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        if self._image is None:
+            self._image = load_image_encoder(self.run.info["image_encoder"], self.device)
+        return self._image
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        if self._text is None:
+            self._text = load_text_encoder(self.run.info["text_encoder"], self.device)
+        return self._text
+
+    def image_features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.image_encoder.encode([plain_view(img, self.views) for img in images])
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Packed codes (n, K/8) of PIL images."""
+        with torch.no_grad():
+            return pack_codes(self.run.encode_images(self.image_features(images)))
+
+    def encode_image_files(self, paths: Sequence[Path]) -> np.ndarray:
+        return self.encode_images([load_rgb(p) for p in paths])
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Packed codes (n, K/8) of texts."""
+        with torch.no_grad():
+            return pack_codes(self.run.encode_texts(self.text_encoder.encode(list(texts))))
+
+
+def decode_image(data: bytes, name: str = "query image") -> Image.Image:
+    """Bytes of an image file → RGB image, or a one-line error naming `name`."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as exc:  # PIL raises several unrelated types for bad files
+        raise RshashError(f"{name}: cannot decode image ({exc.__class__.__name__}: {exc})") from exc

@@ -1,0 +1,113 @@
+"""Search engines against a brute-force numpy reference on random codes."""
+
+import numpy as np
+import pytest
+
+from rshash.errors import RshashError
+from rshash.index import make_engine, pack_codes, unpack_codes
+from rshash.index.engines import recall_against_exact
+
+
+def _codes(rng, n, bits, clustered=False):
+    if not clustered:
+        return rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+    centres = rng.normal(size=(8, 32))
+    x = centres[rng.integers(0, 8, n)] + 0.5 * rng.normal(size=(n, 32))
+    return pack_codes(np.sign(x @ rng.normal(size=(32, bits))))
+
+
+def _reference(codes, queries, k):
+    """Distances by XOR + popcount, stable-sorted: ties go to the earlier item."""
+    d = np.bitwise_count(queries[:, None, :] ^ codes[None, :, :]).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.mark.parametrize("bits", [64, 128, 192])
+@pytest.mark.parametrize("nq", [1, 7])
+def test_exact_engine_matches_reference_including_ties(bits, nq):
+    rng = np.random.default_rng(bits + nq)
+    # Few distinct codes: many exact ties, which must go to the earlier item.
+    base = rng.integers(0, 256, size=(40, bits // 8), dtype=np.uint8)
+    codes = np.concatenate([base[rng.integers(0, 40, 3000)], _codes(rng, 2500, bits)])
+    queries = np.concatenate([base[:nq], _codes(rng, nq, bits)])
+    engine = make_engine("exact", bits)
+    keys = np.arange(len(codes), dtype=np.int64) * 3 + 5
+    engine.add(codes, keys)
+    for k in (1, 20, 250):
+        d, found = engine.search(queries, k)
+        ref_d, ref_pos = _reference(codes, queries, k)
+        assert np.array_equal(d, ref_d)
+        assert np.array_equal(found, keys[ref_pos])
+
+
+def test_k_larger_than_archive_pads_with_minus_one():
+    rng = np.random.default_rng(0)
+    codes = _codes(rng, 5, 64)
+    engine = make_engine("exact", 64)
+    engine.add(codes, np.arange(5, dtype=np.int64))
+    d, keys = engine.search(codes[:2], 8)
+    ref_d, ref_pos = _reference(codes, codes[:2], 5)
+    assert np.array_equal(keys[:, :5], ref_pos) and np.array_equal(d[:, :5], ref_d)
+    assert (keys[:, 5:] == -1).all()
+
+
+@pytest.mark.parametrize("name", ["exact", "faiss-flat"])
+def test_range_search_matches_reference(name):
+    rng = np.random.default_rng(3)
+    codes = _codes(rng, 4000, 64, clustered=True)
+    queries = codes[:5]
+    engine = make_engine(name, 64)
+    engine.add(codes, np.arange(len(codes), dtype=np.int64))
+    d_all = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(-1)
+    for radius in (0, 6, 12):
+        for q, (d, keys) in enumerate(engine.range_search(queries, radius)):
+            expect = np.flatnonzero(d_all[q] <= radius)
+            expect = expect[np.argsort(d_all[q, expect], kind="stable")]
+            assert np.array_equal(keys, expect)
+            assert np.array_equal(d, d_all[q, expect])
+
+
+def test_faiss_flat_distances_match_exact():
+    rng = np.random.default_rng(4)
+    codes = _codes(rng, 3000, 128, clustered=True)
+    exact, flat = make_engine("exact", 128), make_engine("faiss-flat", 128)
+    keys = np.arange(len(codes), dtype=np.int64)
+    exact.add(codes, keys)
+    flat.add(codes, keys)
+    assert np.array_equal(exact.search(codes[:50], 20)[0], flat.search(codes[:50], 20)[0])
+
+
+def test_remove_then_add():
+    rng = np.random.default_rng(5)
+    codes = _codes(rng, 1000, 64)
+    for name in ("exact", "faiss-flat"):
+        engine = make_engine(name, 64)
+        engine.add(codes[:600], np.arange(600, dtype=np.int64))
+        assert engine.remove(np.array([0, 1, 2, 9999])) == 3
+        engine.add(codes[600:], np.arange(600, 1000, dtype=np.int64))
+        assert engine.ntotal == 997
+        d, keys = engine.search(codes[:3], 1)
+        assert not np.isin(keys, [0, 1, 2]).any()
+        assert (d[:, 0] > 0).all()
+
+
+def test_ivf_recall_on_clustered_codes():
+    rng = np.random.default_rng(6)
+    codes = _codes(rng, 20000, 64, clustered=True)
+    keys = np.arange(len(codes), dtype=np.int64)
+    engine = make_engine("faiss-ivf", 64, {"nprobe": 16})
+    report = engine.build(codes, keys)
+    assert report["recall_at_20"] == pytest.approx(recall_against_exact(engine, codes, keys, 20))
+    assert report["recall_at_20"] > 0.9, report
+
+
+def test_pack_roundtrip_and_errors():
+    codes = np.sign(np.random.default_rng(0).normal(size=(10, 64))).astype(np.int8)
+    assert np.array_equal(unpack_codes(pack_codes(codes)), codes)
+    with pytest.raises(RshashError, match="multiple of 64"):
+        pack_codes(codes[:, :60])
+    with pytest.raises(RshashError, match="unknown index engine"):
+        make_engine("annoy", 64)
+    with pytest.raises(RshashError, match="packed bytes"):
+        make_engine("exact", 64).search(np.zeros((1, 16), np.uint8), 1)
