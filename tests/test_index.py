@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import RSSCN7, make_caption_dataset, rshash_cli
 
 from rshash.data import load_dataset
 from rshash.errors import RshashError
@@ -14,6 +13,7 @@ from rshash.index import Index
 from rshash.index import build as build_module
 from rshash.index import index as index_module
 from rshash.index.build import BuildConfig, add_to_index, build_index
+from tests.conftest import RSSCN7, make_caption_dataset, rshash_cli
 
 
 def _tree_digest(path: Path) -> str:
