@@ -87,9 +87,13 @@ def ray_build_shards(
     shards: int,
     engine: str = "exact",
     image_codes: np.ndarray | None = None,
+    caption_codes: np.ndarray | None = None,
     **encode_options: Any,
 ) -> list[Path]:
-    """Encode `ds` on Ray (unless `image_codes` are given) and write `shards` index shards."""
+    """Encode `ds` on Ray and write `shards` index shards with global keys.
+
+    Codes already at hand (say, from a feature store) can be passed instead of being encoded.
+    """
     out = Path(out)
     if (out / SHARDS).exists():
         raise RshashError(f"{out}: a sharded index already exists here")
@@ -97,7 +101,8 @@ def ray_build_shards(
         image_codes = ray_encode_images(run_dir, ds, **encode_options)
     images, captions = image_records(ds), caption_records(ds)
     texts = [c["text"] for c in captions]
-    caption_codes = CodeEncoder(HashRun.open(run_dir)).encode_texts(texts) if texts else None
+    if caption_codes is None and texts:
+        caption_codes = CodeEncoder(HashRun.open(run_dir)).encode_texts(texts)
     cap_start = np.concatenate([[0], np.cumsum(ds.caption_counts)])
     paths = []
     for s in range(shards):
