@@ -361,6 +361,23 @@ def search(
         typer.echo(f"{rank:4d}  d={h.distance:3d}  {cls:20s}  {h.id}  {what}")
 
 
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: Device = "auto",
+) -> None:
+    """Serve search over INDEX: JSON API, OpenAPI at /docs, and a web page at /."""
+    import uvicorn
+
+    from rshash.service import ServiceConfig, create_app
+
+    app_ = create_app(index, ServiceConfig(device=device))
+    typer.echo(f"serving {index} at http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise RshashError(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")

@@ -13,6 +13,7 @@ and answers top-k and range queries by Hamming distance:
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from itertools import pairwise
 from typing import Any, ClassVar
@@ -88,12 +89,17 @@ def _order(d: np.ndarray, keys: np.ndarray) -> Hits:
 
 
 class ExactEngine(Engine):
-    """Exact scan with the compiled kernel; codes kept word-major in memory."""
+    """Exact scan with the compiled kernel; codes kept word-major in memory.
+
+    Kernel calls are serialised: numba's parallel runtime is not re-entrant across threads, and
+    one call already uses every core.
+    """
 
     name = "exact"
 
     def __init__(self, bits: int) -> None:
         super().__init__(bits)
+        self._lock = threading.Lock()
         self._packed = np.zeros((0, bits // 8), np.uint8)
         self._keys = np.zeros(0, np.int64)
         self._words = to_words(self._packed)
@@ -119,18 +125,21 @@ class ExactEngine(Engine):
         q = query_words(self._check(queries))
         threads = numba.get_num_threads()
         parts = 1 if len(q) >= threads else threads
-        dist, pos = kernels.merge_tiles(*kernels.topk_tiles(self._words, q, k, parts, threads))
+        with self._lock:
+            tiles = kernels.topk_tiles(self._words, q, k, parts, threads)
+            dist, pos = kernels.merge_tiles(*tiles)
         found = pos >= 0
         keys = np.where(found, self._keys[np.where(found, pos, 0)], -1)
         return np.where(found, dist, kernels.FAR).astype(np.int32), keys
 
     def range_search(self, queries: np.ndarray, radius: int) -> list[Hits]:
         q = query_words(self._check(queries))
-        counts = kernels.range_counts(self._words, q, radius)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        dist = np.empty(offsets[-1], np.int32)
-        pos = np.empty(offsets[-1], np.int64)
-        kernels.range_fill(self._words, q, radius, offsets, dist, pos)
+        with self._lock:
+            counts = kernels.range_counts(self._words, q, radius)
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            dist = np.empty(offsets[-1], np.int32)
+            pos = np.empty(offsets[-1], np.int64)
+            kernels.range_fill(self._words, q, radius, offsets, dist, pos)
         return [_order(dist[a:b], self._keys[pos[a:b]]) for a, b in pairwise(offsets)]
 
 
@@ -196,12 +205,14 @@ class FaissIVFEngine(_FaissEngine):
 
     name = "faiss-ivf"
 
-    def __init__(self, bits: int, nlist: int | None = None, nprobe: int = 16) -> None:
+    def __init__(
+        self, bits: int, nlist: int | None = None, nprobe: int = 16, train_per_list: int = 64
+    ) -> None:
         super().__init__(bits)
-        self.nlist, self.nprobe = nlist, nprobe
+        self.nlist, self.nprobe, self.train_per_list = nlist, nprobe, train_per_list
 
     def params(self) -> dict[str, Any]:
-        return {"nlist": self.nlist, "nprobe": self.nprobe}
+        return {"nlist": self.nlist, "nprobe": self.nprobe, "train_per_list": self.train_per_list}
 
     def build(self, packed: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
         import faiss
@@ -209,11 +220,11 @@ class FaissIVFEngine(_FaissEngine):
         packed = self._check(packed)
         n = len(packed)
         if self.nlist is None:
-            self.nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+            self.nlist = int(max(1, min(4 * np.sqrt(n), n // 39, 1024)))
         quantizer = faiss.IndexBinaryFlat(self.bits)
         self.index = faiss.IndexBinaryIVF(quantizer, self.bits, self.nlist)
         self._quantizer = quantizer  # FAISS does not own it: keep it alive with the index
-        sample = np.random.default_rng(0).permutation(n)[: 256 * self.nlist]
+        sample = np.random.default_rng(0).permutation(n)[: self.train_per_list * self.nlist]
         self.index.train(packed[np.sort(sample)])
         self.index.nprobe = self.nprobe
         self.add(packed, keys)

@@ -1,0 +1,194 @@
+"""Search speed: our exact engine, FAISS exact and IVF, a numpy baseline, and two limits.
+
+N = 1e5, 1e6, 1e7 codes of 64 bits (and 1e6 of 128 bits), random and clustered (signs of
+random projections of a Gaussian mixture, like real hash codes); 1000 queries; k = 20.
+
+Limits, measured on this machine in this run:
+- (a) single query: read bandwidth over a buffer as large as the codes ÷ bytes per query;
+- (b) batched: in-cache XOR + popcount throughput (64-bit words/s, all cores) ÷ words per query.
+Recall@20 is tie-aware: the share of returned items no farther than the exact 20th neighbour.
+Usage: python -m benchmarks.search [--sizes 100000 1000000 10000000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numba
+import numpy as np
+
+from benchmarks.common import machine, markdown_table, write_results
+from rshash.index import kernels, make_engine, pack_codes
+from rshash.index.engines import recall_at
+
+K = 20
+QUERIES = 1000
+
+
+def codes(kind: str, n: int, bits: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+    mix = np.random.default_rng(12345)  # the same mixture and projection for archive and queries
+    centres = mix.normal(size=(64, 32)).astype(np.float32)
+    proj = mix.normal(size=(32, bits)).astype(np.float32)
+    out = np.empty((n, bits // 8), np.uint8)
+    for s in range(0, n, 1_000_000):
+        m = min(n, s + 1_000_000) - s
+        x = centres[rng.integers(0, 64, m)] + 0.6 * rng.normal(size=(m, 32)).astype(np.float32)
+        out[s : s + m] = pack_codes(x @ proj)
+    return out
+
+
+def rate(fn: Callable[[], object], items: int, min_seconds: float = 0.5) -> float:
+    """Items per second of `fn`, repeated until at least `min_seconds` have passed."""
+    reps, start = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return items * reps / elapsed
+
+
+def best(fn: Callable[[], float], tries: int = 3) -> float:
+    return max(fn() for _ in range(tries))
+
+
+def limits(n: int, bits: int) -> tuple[float, float]:
+    """(single-query qps limit (a), batched qps limit (b)) for n codes of `bits` bits."""
+    threads = numba.get_num_threads()
+    rng = np.random.default_rng(7)
+    buf = rng.integers(0, 2**63, size=max(n * bits // 64, 1 << 16), dtype=np.int64).view(np.uint64)
+    kernels.read_bandwidth(buf[:1024], threads)
+    bandwidth = best(lambda: rate(lambda: kernels.read_bandwidth(buf, threads), buf.nbytes, 0.3))
+    small = buf[:4096].copy()
+    kernels.popcount_throughput(small, 1, threads)
+    words = best(
+        lambda: rate(
+            lambda: kernels.popcount_throughput(small, 2000, threads), 4096 * 2000 * threads, 0.3
+        )
+    )
+    per_query_words = n * bits // 64
+    return bandwidth / (per_query_words * 8), words / per_query_words
+
+
+def numpy_search(archive: np.ndarray, query: np.ndarray) -> np.ndarray:
+    d = np.bitwise_count(archive ^ query).sum(1, dtype=np.int32)
+    top = np.argpartition(d, K)[:K]
+    return top[np.lexsort((top, d[top]))]
+
+
+def run_config(kind: str, n: int, bits: int, single_queries: int) -> list[dict]:
+    archive = codes(kind, n, bits, seed=1)
+    queries = codes(kind, QUERIES, bits, seed=2)
+    keys = np.arange(n, dtype=np.int64)
+    lim_a, lim_b = limits(n, bits)
+    records = []
+
+    def record(
+        engine: str,
+        batch: int,
+        qps: float,
+        recall: float | None,
+        build_s: float,
+        bytes_per_item: float,
+    ) -> None:
+        limit = lim_a if batch == 1 else lim_b
+        records.append(
+            {
+                "engine": engine,
+                "codes": kind,
+                "n": n,
+                "bits": bits,
+                "batch": batch,
+                "qps": round(qps, 1),
+                "recall_at_20": recall,
+                "limit_qps": round(limit, 1),
+                "ratio": round(qps / limit, 3),
+                "build_s": round(build_s, 2),
+                "bytes_per_item": bytes_per_item,
+            }
+        )
+        print(records[-1], flush=True)
+
+    exact_d = None
+    for name in ("exact", "faiss-flat", "faiss-ivf"):
+        engine = make_engine(name, bits)
+        start = time.perf_counter()
+        engine.build(archive, keys)
+        build_s = time.perf_counter() - start
+        engine.search(queries[:2], K)  # compile / warm up
+        found = engine.search(queries, K)[0]
+        if exact_d is None:
+            exact_d = found
+        recall = recall_at(found, exact_d, K)
+        per_item = bits / 8 + (8 if name != "exact" else 0)  # FAISS ID maps store int64 ids
+        batched = rate(lambda e=engine: e.search(queries, K), QUERIES)
+        record(name, QUERIES, batched, round(recall, 4), build_s, per_item)
+        if name != "faiss-ivf":
+            single = rate(
+                lambda e=engine: [e.search(queries[i : i + 1], K) for i in range(single_queries)],
+                single_queries,
+            )
+            record(name, 1, single, round(recall, 4), build_s, per_item)
+        del engine
+    few = max(3, single_queries // 10)
+    qps = rate(lambda: [numpy_search(archive, queries[i]) for i in range(few)], few)
+    record("numpy", 1, qps, 1.0, 0.0, bits / 8)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--quick", action="store_true", help="Only 1e5 and 1e6 codes.")
+    args = parser.parse_args()
+    sizes = [s for s in args.sizes if not (args.quick and s > 1_000_000)]
+    configs = [(n, 64) for n in sizes] + ([(1_000_000, 128)] if 1_000_000 in sizes else [])
+    records = []
+    for n, bits in configs:
+        for kind in ("random", "clustered"):
+            records += run_config(kind, n, bits, single_queries=200 if n <= 1_000_000 else 50)
+    rows = [
+        [
+            r["engine"],
+            r["codes"],
+            f"{r['n']:.0e}",
+            str(r["bits"]),
+            str(r["batch"]),
+            f"{r['qps']:.0f}",
+            "-" if r["recall_at_20"] is None else f"{r['recall_at_20']:.3f}",
+            f"{r['limit_qps']:.0f}",
+            f"{r['ratio']:.2f}",
+            f"{r['build_s']:.1f}",
+            f"{r['bytes_per_item']:g}",
+        ]
+        for r in records
+    ]
+    header = [
+        "engine",
+        "codes",
+        "N",
+        "bits",
+        "batch",
+        "queries/s",
+        "recall@20",
+        "limit q/s",
+        "ratio",
+        "build s",
+        "bytes/item",
+    ]
+    intro = (
+        "# Search speed (k = 20, 1000 queries)\n\n"
+        "Limit for batch 1: read bandwidth over a buffer the size of the codes ÷ bytes per query; "
+        "for batches: in-cache XOR+popcount words/s on all cores ÷ words per query. "
+        f"Machine threads: {numba.get_num_threads()}; {machine()}.\n\n"
+    )
+    write_results("search", records, intro + markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
