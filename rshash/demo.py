@@ -1,11 +1,16 @@
-"""`make demo`: UCM-Captions end to end — features, DUCH training, evaluation report.
+"""`make demo`: UCM-Captions end to end, then a search service over UCM and RSSCN7.
 
-Each step skips work already done (features are cached, training resumes, a finished run is
-reused). Data come from $RSHASH_DATA (default: ../shared/datasets beside the checkout).
+1. features of UCM-Captions (cached); 2. CHNR, 64 bits, with 20 % of the captions swapped
+(a short schedule); 3. evaluation report per PROTOCOL.md (table, plots); 4. one index holding
+UCM (images and captions) and RSSCN7 (images the model never saw); 5. the search service, whose
+URL is printed. Each step skips work already done. Data come from $RSHASH_DATA (default:
+../shared/datasets beside the checkout).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,29 +24,68 @@ def data_root() -> Path:
     return Path(os.environ.get("RSHASH_DATA", REPO.parent / "shared" / "datasets"))
 
 
-def main() -> None:
+def _dataset_dir(name: str) -> Path:
+    path = data_root() / name
+    if not path.is_dir():
+        raise RshashError(f"{path}: {name} not found; set RSHASH_DATA to the datasets folder")
+    return path
+
+
+def build_demo(work: Path, epochs: int = 60, meta_epochs: int = 30) -> Path:
+    """Run steps 1-4 into `work`; returns the index directory."""
     from rshash.data import load_dataset
     from rshash.evaluation.report import format_table
     from rshash.evaluation.run_report import evaluate_and_report
     from rshash.features import ExtractConfig, extract_features
-    from rshash.training import TrainConfig, train
+    from rshash.index.build import add_to_index, build_index
+    from rshash.training import CHNRConfig, OptimConfig, TrainConfig, train
 
-    ucm = data_root() / "ucm-captions"
-    if not ucm.is_dir():
-        raise RshashError(f"{ucm}: UCM-Captions not found; set RSHASH_DATA to the datasets folder")
-    work = REPO / "demo-output"
+    ucm, rsscn7 = _dataset_dir("ucm-captions"), _dataset_dir("rsscn7")
     features = work / "ucm-features.h5"
-    print(f"[1/3] features of {ucm} -> {features}")
+    print(f"[1/5] features of {ucm} -> {features}")
     if not features.exists():
         extract_features(load_dataset(ucm), features, ExtractConfig())
-    run = work / "runs" / "duch-64"
-    print(f"[2/3] DUCH, 64 bits, 100 epochs -> {run}")
+    run = work / "runs" / "chnr-64-p0.2"
+    print(f"[2/5] CHNR, 64 bits, 20 % swapped captions, {epochs} epochs -> {run}")
     if not (run / "model.pt").exists():
-        train(TrainConfig(features=str(features), bits=64), run)
-    print("[3/3] evaluation (PROTOCOL.md)")
-    metrics = evaluate_and_report(run)
-    print(format_table(metrics))
+        cfg = TrainConfig(
+            features=str(features),
+            method="chnr",
+            bits=64,
+            optim=OptimConfig(epochs=epochs),
+            chnr=CHNRConfig(meta_epochs=meta_epochs, noise=0.2, clean_fraction=0.3),
+        )
+        train(cfg, run)
+    print("[3/5] evaluation (PROTOCOL.md)")
+    if not (run / "metrics.json").exists():
+        evaluate_and_report(run)
+    print(format_table(json.loads((run / "metrics.json").read_text())))
     print(f"report: {run / 'report.md'}  plots: {run / 'plots'}")
+    index = work / "index"
+    print(f"[4/5] index of UCM-Captions and RSSCN7 -> {index}")
+    if not (index / "index.json").exists():
+        build_index(run, load_dataset(ucm), index, features=features)
+    sources = json.loads((index / "index.json").read_text())["sources"]
+    if not any(s.get("dataset") == "rsscn7" for s in sources):
+        add_to_index(index, load_dataset(rsscn7))
+    return index
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--no-serve", action="store_true", help="Stop after building the index.")
+    args = parser.parse_args()
+    index = build_demo(REPO / "demo-output")
+    if args.no_serve:
+        return
+    import uvicorn
+
+    from rshash.service import create_app
+
+    app = create_app(index)
+    print(f"[5/5] search service: http://127.0.0.1:{args.port}/  (API docs at /docs; Ctrl-C stops)")
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ def _block_min(words, query, start, stop, acc):
         return np.int32(lo)
     head = words[0, start:stop]
     q_head = query[0]
+    if last == 1:  # 128 bits: both words in one fused loop
+        for j in range(m):
+            lo = min(lo, _popcount(head[j] ^ q_head) + _popcount(tail[j] ^ q_tail))
+        return np.int32(lo)
     for j in range(m):
         acc[j] = _popcount(head[j] ^ q_head)
     for w in range(1, last):
