@@ -2,8 +2,11 @@
 
 For each noise probability p and seed: DUCH trained on the noisy training set (the protected
 clean fraction is not used), and CHNR, whose phase 1 (meta-learning on the clean subset) is run
-once and then continued with each weighting (soft, cubed, discrete, ones). Seed s uses the split
-of seed 42 + s. Finished records are cached, so an interrupted benchmark resumes.
+once and then continued with each weighting (soft, cubed, discrete, ones). On the same noisy
+pairs: clean-subset-free CHNR (`self` weights: warm-up on every pair for the meta epochs, then
+mixture-posterior weights refreshed every epoch) and the noise-unaware DJSRH and JDSH baselines
+(100 epochs). Seed s uses the split of seed 42 + s. Finished records are cached, so an
+interrupted benchmark resumes.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
 """
 
@@ -28,6 +31,7 @@ from rshash.features import FeatureStore
 from rshash.training import CHNRConfig, OptimConfig, TrainConfig
 from rshash.training.chnr import CHNRTrainer, noise_detection_scores
 from rshash.training.duch import DUCHTrainer
+from rshash.training.reconstruction import ReconstructionTrainer
 from rshash.training.run import build_trainer, load_or_make_split
 
 WEIGHTINGS = ("soft", "cubed", "discrete", "ones")
@@ -96,6 +100,51 @@ def run_setting(store: FeatureStore, p: float, seed: int, meta: int, main: int) 
     return [{"p": p, "effective_noise": effective, "seed": seed, **r} for r in records]
 
 
+def run_extra(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
+    """Clean-subset-free CHNR (`self` weights) and the DJSRH / JDSH baselines, same noisy pairs."""
+    cfg = TrainConfig(
+        features=str(store.path),
+        method="chnr",
+        seed=seed,
+        split_seed=42 + seed,
+        optim=OptimConfig(epochs=meta + main),
+        chnr=CHNRConfig(meta_epochs=meta, noise=p, clean_fraction=0.3, weighting="self"),
+    )
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        split = load_or_make_split(work, store, cfg)
+        free = build_trainer(cfg, store, split, work)
+        assert isinstance(free, CHNRTrainer) and free.noisy is not None
+        effective = float(free.noisy.mean())
+        for epoch in range(meta + main):
+            free.run_epoch(epoch)
+        assert free.weights is not None
+        auc = noise_detection_scores(free.weights.cpu().numpy(), free.noisy)
+        records.append(
+            {
+                "method": "chnr-free",
+                "weighting": "self",
+                "noise_auc": auc.get("noise_auc"),
+                **map20(free, store, cfg, split),
+            }
+        )
+        for method in ("djsrh", "jdsh"):
+            base_cfg = replace(cfg, method=method, optim=replace(cfg.optim, epochs=100))
+            baseline = ReconstructionTrainer(base_cfg, free.pairs, free.device)
+            for epoch in range(100):
+                baseline.run_epoch(epoch)
+            records.append(
+                {
+                    "method": method,
+                    "weighting": None,
+                    "noise_auc": None,
+                    **map20(baseline, store, cfg, split),
+                }
+            )
+    return [{"p": p, "effective_noise": effective, "seed": seed, **r} for r in records]
+
+
 def paper_table() -> dict[tuple[str, str], dict[float, float]]:
     out: dict[tuple[str, str], dict[float, float]] = {}
     direction = ""
@@ -116,6 +165,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--meta-epochs", type=int, default=75)
     parser.add_argument("--main-epochs", type=int, default=75)
+    parser.add_argument(
+        "--no-extra", action="store_true", help="Skip DJSRH, JDSH and clean-free CHNR."
+    )
     args = parser.parse_args()
     store = FeatureStore.open(ucm_features())
     cache = CACHE / "chnr"
@@ -123,25 +175,34 @@ def main() -> None:
     records: list[dict] = []
     for p in args.p:
         for seed in args.seeds:
-            path = cache / f"p{p}-s{seed}-m{args.meta_epochs}-{args.main_epochs}.json"
-            if not path.exists():
-                path.write_text(
-                    json.dumps(run_setting(store, p, seed, args.meta_epochs, args.main_epochs))
-                )
-            got = json.loads(path.read_text())
-            records += got
-            for r in got:
-                print(json.dumps(r), flush=True)
+            for group, runner in (("", run_setting), ("-extra", run_extra)):
+                if group == "-extra" and args.no_extra:
+                    continue
+                name = f"p{p}-s{seed}-m{args.meta_epochs}-{args.main_epochs}{group}.json"
+                path = cache / name
+                if not path.exists():
+                    got = runner(store, p, seed, args.meta_epochs, args.main_epochs)
+                    path.write_text(json.dumps(got))
+                got = json.loads(path.read_text())
+                records += got
+                for r in got:
+                    print(json.dumps(r), flush=True)
 
     paper = paper_table()
     rows = []
     for p in sorted(args.p):
         sel = [r for r in records if r["p"] == p]
         eff = np.mean([r["effective_noise"] for r in sel])
-        for method, weighting in [("duch", None)] + [("chnr", w) for w in WEIGHTINGS]:
+        settings = [("duch", None)] + [("chnr", w) for w in WEIGHTINGS]
+        settings += [("chnr-free", "self"), ("djsrh", None), ("jdsh", None)]
+        for method, weighting in settings:
             rs = [r for r in sel if r["method"] == method and r["weighting"] == weighting]
-            name = "DUCH" if method == "duch" else f"CHNR-{weighting}"
-            paper_name = "DUCH" if method == "duch" else PAPER_NAMES.get(str(weighting), "")
+            if not rs:
+                continue
+            name = {"chnr": f"CHNR-{weighting}", "chnr-free": "CHNR-free (self)"}.get(
+                method, method.upper()
+            )
+            paper_name = PAPER_NAMES.get(str(weighting), "") if method == "chnr" else name
             row = [f"{p:g}", f"{eff:.3f}", name]
             for d in ("i2t", "t2i"):
                 vals = [r[f"{d}_map20"] for r in rs]

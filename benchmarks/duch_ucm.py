@@ -59,11 +59,11 @@ def base_config(features: Path, bits: int, seed: int, epochs: int) -> TrainConfi
     return replace(cfg, optim=replace(cfg.optim, epochs=epochs))
 
 
-def paper_rows() -> dict[tuple[str, int], float]:
+def paper_rows(method: str = "DUCH") -> dict[tuple[str, int], float]:
     rows: dict[tuple[str, int], float] = {}
     with (ANCHORS / "duch-paper-map20.csv").open() as fh:
         for r in csv.DictReader(line for line in fh if not line.startswith("#")):
-            if r["dataset"] == "UCM" and r["method"] == "DUCH":
+            if r["dataset"] == "UCM" and r["method"] == method:
                 for bits in (16, 32, 64, 128):
                     rows[(r["direction"].lower(), bits)] = float(r[str(bits)])
     return rows

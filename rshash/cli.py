@@ -119,7 +119,11 @@ def train(
         Path | None, typer.Option(help="CHNR on your own data: file of verified image ids.")
     ] = None,
     weighting: Annotated[
-        str, typer.Option(help="CHNR: soft, cubed, discrete or ones.")
+        str,
+        typer.Option(
+            help="CHNR: soft, cubed, discrete or ones (detector weights), or self: no clean "
+            "subset, weights from a 2-component mixture on per-pair losses after warm-up."
+        ),
     ] = "discrete",
     meta_epochs: Annotated[
         int | None, typer.Option(help="CHNR: phase-1 epochs (default: half of --epochs).")
@@ -130,17 +134,19 @@ def train(
     from rshash.training import CHNRConfig, LossConfig, OptimConfig, TrainConfig
     from rshash.training import train as train_run
 
-    _check_choice("--method", method, ("duch", "chnr"))
+    _check_choice("--method", method, ("duch", "chnr", "djsrh", "jdsh"))
     _check_choice("--caption-mode", caption_mode, ("one", "all"))
     _check_choice("--text-view", text_view, ("augmented", "perturbed", "plain"))
     _check_choice("--image-view", image_view, ("augmented", "plain"))
-    _check_choice("--weighting", weighting, ("soft", "cubed", "discrete", "ones"))
-    if method == "chnr" and (noise is None) == (clean_subset is None):
+    _check_choice("--weighting", weighting, ("soft", "cubed", "discrete", "ones", "self"))
+    if weighting == "self" and clean_subset is not None:
+        raise RshashError("--weighting self uses no clean subset; drop --clean-subset")
+    if method == "chnr" and weighting != "self" and (noise is None) == (clean_subset is None):
         raise RshashError(
             "--method chnr needs exactly one of --noise P (experiments with injected noise) "
             "or --clean-subset FILE (pairs you verified)"
         )
-    if method == "duch" and (noise is not None or clean_subset is not None):
+    if method != "chnr" and (noise is not None or clean_subset is not None):
         raise RshashError("--noise and --clean-subset apply to --method chnr only")
     total = epochs or (150 if method == "chnr" else 100)
     cfg = TrainConfig(

@@ -25,6 +25,7 @@ from rshash.models import NoiseDetector
 from rshash.training.config import TrainConfig
 from rshash.training.data import PairFeatures
 from rshash.training.duch import DUCHTrainer, epoch_generator
+from rshash.training.self_weighting import clean_probability, cross_modal_losses
 
 NOISE_FILE = "noise.json"
 
@@ -114,6 +115,8 @@ class CHNRTrainer(DUCHTrainer):
         self.weights = state["weights"]
 
     def model_extras(self) -> dict[str, Any]:
+        if self.cfg.chnr.weighting == "self":
+            return {"weighting": "self"}  # no detector was trained
         return {
             "detector": self.detector.state_dict(),
             "detector_threshold": self.threshold,
@@ -123,18 +126,20 @@ class CHNRTrainer(DUCHTrainer):
     def write_outputs(self, run_dir: Path) -> None:
         """noise_detection.json: final pair weights, detector scores and, with known flags, AUC."""
         p = self.pairs
+        detector = self.cfg.chnr.weighting != "self"
         scores = self.detector.weights(self.detector_input(p.image, p.text)).cpu().numpy()
         weights = self.weights.cpu().numpy() if self.weights is not None else scores
         out: dict[str, Any] = {
             "weighting": self.cfg.chnr.weighting,
-            "threshold": self.threshold,
+            "threshold": self.threshold if detector else None,
             "weights": weights.tolist(),
-            "detector_scores": scores.tolist(),
+            "detector_scores": scores.tolist() if detector else None,
         }
         if self.noisy is not None:
             out["noisy"] = self.noisy.tolist()
             out.update(noise_detection_scores(weights, self.noisy))
-            out["detector_auc"] = noise_detection_scores(scores, self.noisy).get("noise_auc")
+            if detector:
+                out["detector_auc"] = noise_detection_scores(scores, self.noisy).get("noise_auc")
         write_json_atomic(run_dir / "noise_detection.json", out)
 
     def detector_input(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -145,6 +150,8 @@ class CHNRTrainer(DUCHTrainer):
         )
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
+        if self.cfg.chnr.weighting == "self":
+            return self._self_weighted_epoch(epoch)
         if epoch < self.cfg.chnr.meta_epochs:
             terms = self.hash_epoch(epoch, self.clean_idx, weights=None)
             return {**terms, **self.detector_epoch(epoch)}
@@ -154,6 +161,35 @@ class CHNRTrainer(DUCHTrainer):
         if self.noisy is not None:
             terms.update(noise_detection_scores(self.weights.cpu().numpy(), self.noisy))
         return terms
+
+    def _self_weighted_epoch(self, epoch: int) -> dict[str, float]:
+        """No clean subset: warm up on every pair, then weight pairs by their own losses."""
+        everything = np.arange(len(self.pairs))
+        if epoch < self.cfg.chnr.meta_epochs:
+            return self.hash_epoch(epoch, everything, weights=None)
+        self.weights = self.self_weights(epoch)
+        terms = self.hash_epoch(epoch, everything, weights=self.weights)
+        if self.noisy is not None:
+            terms.update(noise_detection_scores(self.weights.cpu().numpy(), self.noisy))
+        return terms
+
+    def self_weights(self, epoch: int) -> torch.Tensor:
+        """Clean-pair probabilities from a 2-component mixture on per-pair contrastive losses."""
+        p = self.pairs
+        self.image_net.eval()
+        self.text_net.eval()
+        with torch.no_grad():
+            gen = epoch_generator(self.cfg.seed, epoch, stream=2)
+            order = torch.randperm(len(p), generator=gen).to(self.device)
+            losses = cross_modal_losses(
+                self.image_net(p.image),
+                self.text_net(p.text),
+                self.cfg.loss.temperature,
+                order,
+                self.cfg.optim.batch_size,
+            )
+        prob = clean_probability(losses.cpu().numpy(), seed=self.cfg.seed + epoch)
+        return torch.from_numpy(prob).float().to(self.device)
 
     def score_pairs(self) -> torch.Tensor:
         """Frozen-detector weights of every training pair (eval mode: no dropout)."""

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from rshash.errors import RshashError
 
-Method = Literal["duch", "chnr"]
-Weighting = Literal["soft", "cubed", "discrete", "ones"]
+Method = Literal["duch", "chnr", "djsrh", "jdsh"]
+Weighting = Literal["soft", "cubed", "discrete", "ones", "self"]
 
 
 @dataclass
@@ -52,6 +52,21 @@ class CHNRConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """DJSRH / JDSH objective. Our choices where the papers leave freedom (see README):
+    image weight β and high-order weight η of the joint matrix, scale μ, weight λ of the
+    intra-modal terms; JDSH's decision spread κ (row standard deviations), boost and damp."""
+
+    image_weight: float = 0.6
+    high_order: float = 0.4
+    scale: float = 1.5
+    intra_weight: float = 0.1
+    spread: float = 1.0
+    boost: float = 0.2
+    damp: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     features: str
     method: Method = "duch"
@@ -66,6 +81,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     chnr: CHNRConfig = field(default_factory=CHNRConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def validate(self) -> None:
         if self.bits <= 0 or self.bits % 8:
@@ -83,7 +99,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        nested = {"loss": LossConfig, "optim": OptimConfig, "chnr": CHNRConfig}
+        nested = {
+            "loss": LossConfig,
+            "optim": OptimConfig,
+            "chnr": CHNRConfig,
+            "baseline": BaselineConfig,
+        }
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d:

@@ -52,6 +52,10 @@ def build_trainer(
     pairs = training_pairs(store, split, cfg.image_view, cfg.text_view, device)
     if cfg.method == "duch":
         return DUCHTrainer(cfg, pairs, device)
+    if cfg.method in ("djsrh", "jdsh"):
+        from rshash.training.reconstruction import ReconstructionTrainer
+
+        return ReconstructionTrainer(cfg, pairs, device)
     from rshash.training.chnr import CHNRTrainer
 
     return CHNRTrainer(cfg, pairs, store, split, run_dir, device)
