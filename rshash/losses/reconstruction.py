@@ -52,7 +52,7 @@ def reconstruction_loss(
     intra_weight: float,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """‖μS − cos(H_I, H_T)‖² + λ(‖μS − cos(H_I, H_I)‖² + ‖μS − cos(H_T, H_T)‖²), means over pairs."""
+    """‖μS − cos(H_I, H_T)‖² + λ(‖μS − cos(H_I, H_I)‖² + ‖μS − cos(H_T, H_T)‖²), mean per entry."""
     goal = scale * target
     w = torch.ones_like(goal) if weight is None else weight
 
