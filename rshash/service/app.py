@@ -6,7 +6,7 @@ search. Bad requests get a 4xx answer with a JSON body {"error": "..."}; the ser
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -48,7 +49,9 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     cfg = config or ServiceConfig()
     index = Index.open(index_path, device=cfg.device)
     thumbs = Path(index_path) / "thumbnails"
-    lock = threading.Lock()  # one query at a time uses all cores; encoders are not re-entrant
+    # One query at a time (it uses every core; encoders are not re-entrant). asyncio.Lock
+    # queues waiters first come, first served, which keeps tail latency near queue length.
+    lock = asyncio.Lock()
     app = FastAPI(
         title="rshash search", description="Hash-code search over a remote-sensing archive."
     )
@@ -108,16 +111,16 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         }
 
     @app.post("/search/text")
-    def search_text(q: TextQuery) -> dict[str, Any]:
+    async def search_text(q: TextQuery) -> dict[str, Any]:
         if len(q.query) > cfg.max_query_chars:
             raise HTTPException(422, f"query: longer than {cfg.max_query_chars} characters")
         check_k(q.k)
-        with lock:
-            hits = index.search_text(q.query, q.k, q.collection)
+        async with lock:
+            hits = await run_in_threadpool(index.search_text, q.query, q.k, q.collection)
         return answer(hits, query=q.query, k=q.k, collection=q.collection)
 
     @app.post("/search/image")
-    def search_image(
+    async def search_image(
         file: Annotated[UploadFile, File(description="Query image (JPEG, PNG, TIFF, ...)")],
         k: Annotated[int, Form()] = 20,
         collection: Annotated[Literal["images", "captions"], Form()] = "images",
@@ -129,13 +132,13 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
                 f"upload {file.filename!r}: content type "
                 f"{file.content_type!r} is not an image type",
             )
-        data = file.file.read(cfg.max_upload_bytes + 1)
+        data = await file.read(cfg.max_upload_bytes + 1)
         if len(data) > cfg.max_upload_bytes:
             raise HTTPException(
                 413, f"upload {file.filename!r}: larger than {cfg.max_upload_bytes} bytes"
             )
-        with lock:
-            hits = index.search_image(data, k, collection)
+        async with lock:
+            hits = await run_in_threadpool(index.search_image, data, k, collection)
         return answer(hits, k=k, collection=collection, filename=file.filename)
 
     @app.get("/items/{item_id:path}/thumbnail", response_class=FileResponse)
