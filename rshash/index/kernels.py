@@ -108,10 +108,10 @@ def topk_tiles(words, queries, k, parts, threads):
         for start in range(lo, hi, BLOCK):
             stop = min(start + BLOCK, hi)
             for q in range(q_lo, q_hi):
-                best_d, best_i = out_d[part, q], out_i[part, q]
                 query = queries[q]
-                if _block_min(words, query, start, stop, acc) >= best_d[k - 1]:
+                if _block_min(words, query, start, stop, acc) >= out_d[part, q, k - 1]:
                     continue
+                best_d, best_i = out_d[part, q], out_i[part, q]
                 for sub in range(start, stop, SUB):
                     end = min(sub + SUB, stop)
                     if _block_min(words, query, sub, end, acc) >= best_d[k - 1]:
