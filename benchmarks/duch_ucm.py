@@ -3,6 +3,7 @@
 Seed s trains with seed s on the split drawn with seed 42 + s. mAP@20 is in the DUCH definition
 (the one of ../shared/anchors). Finished runs are reused, so an interrupted benchmark resumes.
 Usage: python -m benchmarks.duch_ucm [--bits 16 32 64 128] [--seeds 0 1 2] [--no-ablation]
+       [--set loss.temperature=0.5 ...]   (a variant: results go to duch_ucm-<variant>.json)
 """
 
 from __future__ import annotations
@@ -59,6 +60,23 @@ def base_config(features: Path, bits: int, seed: int, epochs: int) -> TrainConfi
     return replace(cfg, optim=replace(cfg.optim, epochs=epochs))
 
 
+def override(cfg: Any, assignment: str) -> Any:
+    """`cfg` with one dotted field set, e.g. "loss.temperature=0.5" (cast to the field's type)."""
+    key, _, text = assignment.partition("=")
+    head, _, rest = key.partition(".")
+    current = getattr(cfg, head)
+    if rest:
+        return replace(cfg, **{head: override(current, f"{rest}={text}")})
+    value: Any = text.lower() in ("1", "true", "yes") if isinstance(current, bool) else text
+    if not isinstance(current, bool):
+        value = type(current)(text)
+    return replace(cfg, **{head: value})
+
+
+def variant_tag(assignments: list[str]) -> str:
+    return "-".join(a.replace("=", "").replace(".", "_") for a in assignments)
+
+
 def paper_rows(method: str = "DUCH") -> dict[tuple[str, int], float]:
     rows: dict[tuple[str, int], float] = {}
     with (ANCHORS / "duch-paper-map20.csv").open() as fh:
@@ -80,7 +98,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--set", nargs="+", default=[], help="Config overrides, e.g. lr=...")
     args = parser.parse_args()
+    tag = variant_tag(args.set)
     features = ucm_features()
     store = FeatureStore.open(features)
     runs = CACHE / "runs"
@@ -89,7 +109,10 @@ def main() -> None:
     for bits in args.bits:
         for seed in args.seeds:
             cfg = base_config(features, bits, seed, args.epochs)
-            rec = run_once(cfg, runs / f"duch-b{bits}-s{seed}-e{args.epochs}", store)
+            for assignment in args.set:
+                cfg = override(cfg, assignment)
+            name = f"duch-b{bits}-s{seed}-e{args.epochs}" + (f"-{tag}" if tag else "")
+            rec = run_once(cfg, runs / name, store)
             records.append({"bits": bits, "seed": seed, **rec})
             print(json.dumps(records[-1]), flush=True)
     paper = paper_rows()
@@ -122,12 +145,13 @@ def main() -> None:
     title = (
         f"# DUCH on UCM-Captions, mAP@20 (DUCH definition), mean ± std over seeds "
         f"{args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
-        f"{args.epochs} epochs, paper defaults. Paper: ResNet-18 + BERT features "
-        "(../shared/anchors/duch-paper-map20.csv).\n\n"
+        f"{args.epochs} epochs, {', '.join(args.set) or 'paper defaults'}. Paper: ResNet-18 + "
+        "BERT features (../shared/anchors/duch-paper-map20.csv).\n\n"
     )
-    write_results("duch_ucm", records, title + markdown_table(header, rows))
+    name = "duch_ucm" + (f"-{tag}" if tag else "")
+    write_results(name, records, title + markdown_table(header, rows))
 
-    if args.no_ablation:
+    if args.no_ablation or tag:
         return
     ablation = []
     for name, change in ABLATIONS.items():

@@ -17,6 +17,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 features_app = typer.Typer(no_args_is_help=True, help="Extract encoder features.")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+datasets_app = typer.Typer(no_args_is_help=True, help="Download public datasets.")
+app.add_typer(datasets_app, name="datasets")
 index_app = typer.Typer(no_args_is_help=True, help="Build and maintain search indexes.")
 app.add_typer(index_app, name="index")
 
@@ -47,6 +49,36 @@ def data_inspect(
 
     info = describe(load_dataset(path, skip_bad=skip_bad))
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset: ucm-captions.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Datasets folder (default: $RSHASH_DATA, else ./datasets)."),
+    ] = None,
+    mirror: Annotated[
+        str | None, typer.Option(help="Base URL that serves every file of the dataset.")
+    ] = None,
+    captions_url: Annotated[
+        str | None, typer.Option(help="URL (or file:///path) of the caption JSON.")
+    ] = None,
+) -> None:
+    """Download, verify and lay out a public dataset where the loader expects it."""
+    import dataclasses
+    import os
+
+    from rshash.data.fetch import SPECS, fetch_dataset
+
+    _check_choice("NAME", name, tuple(SPECS))
+    spec = SPECS[name].with_mirror(mirror) if mirror else SPECS[name]
+    if captions_url:
+        spec = dataclasses.replace(
+            spec, captions=dataclasses.replace(spec.captions, url=captions_url)
+        )
+    root = out or Path(os.environ.get("RSHASH_DATA", "datasets"))
+    typer.echo(f"{name} ready at {fetch_dataset(spec, root)}")
 
 
 @features_app.command("extract")

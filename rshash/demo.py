@@ -4,7 +4,8 @@
 (a short schedule); 3. evaluation report per PROTOCOL.md (table, plots); 4. one index holding
 UCM (images and captions) and RSSCN7 (images the model never saw); 5. the search service, whose
 URL is printed. Each step skips work already done. Data come from $RSHASH_DATA (default:
-../shared/datasets beside the checkout).
+../shared/datasets beside the checkout); without it, `rshash datasets fetch ucm-captions`
+downloads UCM-Captions, and RSSCN7 is left out when absent.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def data_root() -> Path:
 def _dataset_dir(name: str) -> Path:
     path = data_root() / name
     if not path.is_dir():
-        raise RshashError(f"{path}: {name} not found; set RSHASH_DATA to the datasets folder")
+        raise RshashError(
+            f"{path}: {name} not found; set RSHASH_DATA to the datasets folder, or download it "
+            f"with: rshash datasets fetch {name} --out {data_root()}"
+        )
     return path
 
 
@@ -40,7 +44,8 @@ def build_demo(work: Path, epochs: int = 60, meta_epochs: int = 30) -> Path:
     from rshash.index.build import add_to_index, build_index
     from rshash.training import CHNRConfig, OptimConfig, TrainConfig, train
 
-    ucm, rsscn7 = _dataset_dir("ucm-captions"), _dataset_dir("rsscn7")
+    ucm = _dataset_dir("ucm-captions")
+    rsscn7 = data_root() / "rsscn7"
     features = work / "ucm-features.h5"
     print(f"[1/5] features of {ucm} -> {features}")
     if not features.exists():
@@ -66,7 +71,9 @@ def build_demo(work: Path, epochs: int = 60, meta_epochs: int = 30) -> Path:
     if not (index / "index.json").exists():
         build_index(run, load_dataset(ucm), index, features=features)
     sources = json.loads((index / "index.json").read_text())["sources"]
-    if not any(s.get("dataset") == "rsscn7" for s in sources):
+    if not rsscn7.is_dir():
+        print(f"      {rsscn7} not found: the index holds UCM-Captions only")
+    elif not any(s.get("dataset") == "rsscn7" for s in sources):
         add_to_index(index, load_dataset(rsscn7))
     return index
 

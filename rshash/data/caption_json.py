@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from rshash.data.dataset import Dataset, labels_from_names
 from rshash.errors import DataError
 
+_IMAGES_LIST = re.compile(r'"images"\s*:\s*\[')
 _IMAGE_DIR_NAMES = ("images", "imgs", "RSICD_images", "RSITMD_images")
 
 
 def find_caption_json(folder: Path) -> Path | None:
-    """The caption JSON inside `folder` (a *.json with an `images` list), if there is one."""
-    candidates = sorted(folder.glob("*.json"))
+    """The caption JSON inside `folder` (a *.json with an `images` list), if there is one.
+
+    Files named dataset*.json are tried first, so a manifest beside them is never taken.
+    """
+    candidates = sorted(folder.glob("*.json"), key=lambda c: (not c.name.startswith("dataset"), c))
     for candidate in candidates:
         try:
             with candidate.open(encoding="utf-8") as fh:
                 head = fh.read(4096)
         except OSError:
             continue
-        if '"images"' in head or candidate.name.startswith("dataset"):
+        if _IMAGES_LIST.search(head) or candidate.name.startswith("dataset"):
             return candidate
     return None
 

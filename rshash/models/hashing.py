@@ -38,10 +38,14 @@ class HashNet(nn.Module):
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-        """Binary codes in {-1, +1} (int8), eval mode; sign(0) counts as +1."""
+        """Binary codes in {-1, +1} (int8, on the CPU), eval mode; sign(0) counts as +1.
+
+        Input on any device is moved, chunk by chunk, to the network's device.
+        """
         was_training = self.training
         self.eval()
-        out = torch.cat([self(x[i : i + batch]) for i in range(0, len(x), batch)])
+        device = next(self.parameters()).device
+        out = torch.cat([self(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
         self.train(was_training)
         return torch.where(out >= 0, 1, -1).to(torch.int8)
 
