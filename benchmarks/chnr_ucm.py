@@ -3,10 +3,10 @@
 For each noise probability p and seed: DUCH trained on the noisy training set (the protected
 clean fraction is not used), and CHNR, whose phase 1 (meta-learning on the clean subset) is run
 once and then continued with each weighting (soft, cubed, discrete, ones). On the same noisy
-pairs: clean-subset-free CHNR (`self` weights: warm-up on every pair for the meta epochs, then
-mixture-posterior weights refreshed every epoch) and the noise-unaware DJSRH and JDSH baselines
-(100 epochs). Seed s uses the split of seed 42 + s. Finished records are cached, so an
-interrupted benchmark resumes.
+pairs: clean-subset-free CHNR (`self` weights: a short warm-up on every pair, then
+mixture-posterior weights refreshed every epoch, as many epochs in all as CHNR) and the
+noise-unaware DJSRH and JDSH baselines (100 epochs). Seed s uses the split of seed 42 + s.
+Finished records are cached, so an interrupted benchmark resumes.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
 """
 
@@ -100,49 +100,65 @@ def run_setting(store: FeatureStore, p: float, seed: int, meta: int, main: int) 
     return [{"p": p, "effective_noise": effective, "seed": seed, **r} for r in records]
 
 
-def run_extra(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
-    """Clean-subset-free CHNR (`self` weights) and the DJSRH / JDSH baselines, same noisy pairs."""
-    cfg = TrainConfig(
+def noisy_config(store: FeatureStore, p: float, seed: int, warmup: int, total: int) -> TrainConfig:
+    """Clean-subset-free CHNR at noise p: `warmup` epochs on every pair, then `self` weights."""
+    return TrainConfig(
         features=str(store.path),
         method="chnr",
         seed=seed,
         split_seed=42 + seed,
-        optim=OptimConfig(epochs=meta + main),
-        chnr=CHNRConfig(meta_epochs=meta, noise=p, clean_fraction=0.3, weighting="self"),
+        optim=OptimConfig(epochs=total),
+        chnr=CHNRConfig(meta_epochs=warmup, noise=p, clean_fraction=0.3, weighting="self"),
     )
-    records = []
+
+
+def run_free(store: FeatureStore, p: float, seed: int, warmup: int, total: int) -> list[dict]:
+    """Clean-subset-free CHNR (`self` weights) on the noisy pairs of noise p and one seed."""
+    cfg = noisy_config(store, p, seed, warmup, total)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         split = load_or_make_split(work, store, cfg)
         free = build_trainer(cfg, store, split, work)
         assert isinstance(free, CHNRTrainer) and free.noisy is not None
-        effective = float(free.noisy.mean())
-        for epoch in range(meta + main):
-            free.run_epoch(epoch)
+        curve = [free.run_epoch(epoch).get("noise_auc") for epoch in range(total)]
         assert free.weights is not None
         auc = noise_detection_scores(free.weights.cpu().numpy(), free.noisy)
-        records.append(
-            {
-                "method": "chnr-free",
-                "weighting": "self",
-                "noise_auc": auc.get("noise_auc"),
-                **map20(free, store, cfg, split),
-            }
-        )
+        print(f"p={p} seed={seed} self-weight AUC by epoch: {curve[warmup::10]}", flush=True)
+        record = {
+            "method": "chnr-free",
+            "weighting": "self",
+            "noise_auc": auc.get("noise_auc"),
+            **map20(free, store, cfg, split),
+        }
+        return [{"p": p, "effective_noise": float(free.noisy.mean()), "seed": seed, **record}]
+
+
+def run_baselines(store: FeatureStore, p: float, seed: int) -> list[dict]:
+    """The noise-unaware DJSRH and JDSH baselines (100 epochs) on the same noisy pairs."""
+    cfg = noisy_config(store, p, seed, 1, 2)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        split = load_or_make_split(work, store, cfg)
+        noisy = build_trainer(cfg, store, split, work)
+        assert isinstance(noisy, CHNRTrainer) and noisy.noisy is not None
         for method in ("djsrh", "jdsh"):
             base_cfg = replace(cfg, method=method, optim=replace(cfg.optim, epochs=100))
-            baseline = ReconstructionTrainer(base_cfg, free.pairs, free.device)
+            baseline = ReconstructionTrainer(base_cfg, noisy.pairs, noisy.device)
             for epoch in range(100):
                 baseline.run_epoch(epoch)
             records.append(
                 {
+                    "p": p,
+                    "effective_noise": float(noisy.noisy.mean()),
+                    "seed": seed,
                     "method": method,
                     "weighting": None,
                     "noise_auc": None,
                     **map20(baseline, store, cfg, split),
                 }
             )
-    return [{"p": p, "effective_noise": effective, "seed": seed, **r} for r in records]
+    return records
 
 
 def paper_table() -> dict[tuple[str, str], dict[float, float]]:
@@ -166,6 +182,9 @@ def main() -> None:
     parser.add_argument("--meta-epochs", type=int, default=75)
     parser.add_argument("--main-epochs", type=int, default=75)
     parser.add_argument(
+        "--free-warmup", type=int, default=10, help="Warm-up epochs of clean-free CHNR."
+    )
+    parser.add_argument(
         "--no-extra", action="store_true", help="Skip DJSRH, JDSH and clean-free CHNR."
     )
     args = parser.parse_args()
@@ -173,16 +192,24 @@ def main() -> None:
     cache = CACHE / "chnr"
     cache.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
+    total = args.meta_epochs + args.main_epochs
+    groups = {
+        f"m{args.meta_epochs}-{args.main_epochs}": lambda p, s: run_setting(
+            store, p, s, args.meta_epochs, args.main_epochs
+        ),
+        f"free-w{args.free_warmup}-e{total}": lambda p, s: run_free(
+            store, p, s, args.free_warmup, total
+        ),
+        "baselines": lambda p, s: run_baselines(store, p, s),
+    }
+    if args.no_extra:
+        groups = dict(list(groups.items())[:1])
     for p in args.p:
         for seed in args.seeds:
-            for group, runner in (("", run_setting), ("-extra", run_extra)):
-                if group == "-extra" and args.no_extra:
-                    continue
-                name = f"p{p}-s{seed}-m{args.meta_epochs}-{args.main_epochs}{group}.json"
-                path = cache / name
+            for group, runner in groups.items():
+                path = cache / f"p{p}-s{seed}-{group}.json"
                 if not path.exists():
-                    got = runner(store, p, seed, args.meta_epochs, args.main_epochs)
-                    path.write_text(json.dumps(got))
+                    path.write_text(json.dumps(runner(p, seed)))
                 got = json.loads(path.read_text())
                 records += got
                 for r in got:

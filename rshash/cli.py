@@ -22,6 +22,7 @@ app.add_typer(datasets_app, name="datasets")
 index_app = typer.Typer(no_args_is_help=True, help="Build and maintain search indexes.")
 app.add_typer(index_app, name="index")
 
+SELF_WARMUP = 10
 SkipBad = Annotated[
     bool,
     typer.Option("--skip-bad", help="Skip unreadable images and report them instead of failing."),
@@ -158,7 +159,11 @@ def train(
         ),
     ] = "discrete",
     meta_epochs: Annotated[
-        int | None, typer.Option(help="CHNR: phase-1 epochs (default: half of --epochs).")
+        int | None,
+        typer.Option(
+            help="CHNR: phase-1 epochs (default: half of --epochs); with --weighting self, the "
+            "warm-up on every pair (default: 10, before the model memorises wrong pairs)."
+        ),
     ] = None,
     device: Device = "auto",
 ) -> None:
@@ -196,7 +201,7 @@ def train(
         ),
         optim=OptimConfig(epochs=total, batch_size=batch_size),
         chnr=CHNRConfig(
-            meta_epochs=meta_epochs or total // 2,
+            meta_epochs=meta_epochs or (SELF_WARMUP if weighting == "self" else total // 2),
             weighting=weighting,  # type: ignore[arg-type]
             noise=noise or 0.0,
             clean_fraction=clean_fraction,

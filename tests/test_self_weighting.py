@@ -11,7 +11,7 @@ from rshash.features import FeatureStore
 from rshash.training import CHNRConfig, OptimConfig, TrainConfig
 from rshash.training.chnr import noise_detection_scores
 from rshash.training.run import build_trainer, load_or_make_split
-from rshash.training.self_weighting import clean_probability, cross_modal_losses
+from rshash.training.self_weighting import clean_probability, cross_modal_losses, smooth_weights
 from tests.test_chnr import _map20
 
 
@@ -21,6 +21,29 @@ def test_clean_probability_separates_two_loss_modes():
     prob = clean_probability(losses)
     assert prob[:300].mean() > 0.95 and prob[300:].mean() < 0.05
     assert np.array_equal(clean_probability(np.full(5, 2.0)), np.ones(5))
+
+
+def test_a_small_cluster_of_easy_pairs_does_not_take_the_clean_label():
+    # The shape of real UCM losses after warm-up: ~2 % very easy pairs far below the clean bulk.
+    rng = np.random.default_rng(1)
+    easy, clean, noisy = (
+        rng.normal(0.5, 0.05, 20),
+        rng.normal(4.7, 0.1, 700),
+        rng.normal(5.4, 0.1, 300),
+    )
+    losses = np.concatenate([easy, clean, noisy])
+    for seed in range(5):
+        prob = clean_probability(losses, seed=seed)
+        assert prob[:720].mean() > 0.9 and prob[720:].mean() < 0.1
+        order = np.argsort(losses)
+        assert np.all(np.diff(prob[order][-300:]) <= 1e-12)  # falls with the loss in the tail
+
+
+def test_smooth_weights_is_an_exponential_moving_average():
+    assert np.array_equal(smooth_weights(None, np.array([0.2, 1.0]), 0.5), [0.2, 1.0])
+    assert np.allclose(
+        smooth_weights(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.75, 0.25]
+    )
 
 
 def test_cross_modal_losses_are_low_for_matching_pairs():

@@ -25,7 +25,11 @@ from rshash.models import NoiseDetector
 from rshash.training.config import TrainConfig
 from rshash.training.data import PairFeatures
 from rshash.training.duch import DUCHTrainer, epoch_generator
-from rshash.training.self_weighting import clean_probability, cross_modal_losses
+from rshash.training.self_weighting import (
+    clean_probability,
+    cross_modal_losses,
+    smooth_weights,
+)
 
 NOISE_FILE = "noise.json"
 
@@ -189,6 +193,8 @@ class CHNRTrainer(DUCHTrainer):
                 self.cfg.optim.batch_size,
             )
         prob = clean_probability(losses.cpu().numpy(), seed=self.cfg.seed + epoch)
+        previous = self.weights.cpu().numpy() if self.weights is not None else None
+        prob = smooth_weights(previous, prob, self.cfg.chnr.self_momentum)
         return torch.from_numpy(prob).float().to(self.device)
 
     def score_pairs(self) -> torch.Tensor:

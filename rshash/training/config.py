@@ -49,6 +49,7 @@ class CHNRConfig:
     noise: float = 0.0
     clean_fraction: float = 0.3
     clean_subset: str | None = None
+    self_momentum: float = 0.5  # `self` weighting: EMA of the per-epoch clean posteriors
 
 
 @dataclass

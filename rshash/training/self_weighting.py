@@ -15,15 +15,32 @@ from sklearn.mixture import GaussianMixture
 
 
 def clean_probability(losses: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Posterior of the lower-mean component of a 2-Gaussian mixture fitted to `losses`."""
-    x = np.asarray(losses, np.float64).reshape(-1, 1)
-    span = x.max() - x.min()
-    if len(x) < 4 or span <= 0:
+    """1 − posterior of the highest-mean component of a 3-Gaussian mixture fitted to `losses`.
+
+    Three components, not two: on real UCM pairs a small cluster (~2 %) of very easy pairs sits
+    far below the clean bulk, and a two-component fit kept flipping between "that cluster vs
+    the rest" and "clean vs noisy" from one epoch to the next. With a third component the top
+    one is the noisy mode. Losses above its mean get weight 0, so the weight falls with the
+    loss even where a broad middle component would claim the far tail.
+    """
+    x = np.asarray(losses, np.float64)
+    lo, hi = np.percentile(x, [1, 99]) if len(x) else (0.0, 0.0)
+    if len(x) < 6 or hi <= lo:
         return np.ones(len(x))
-    x = (x - x.min()) / span
-    gmm = GaussianMixture(2, max_iter=50, tol=1e-3, reg_covar=5e-4, random_state=seed).fit(x)
-    clean = int(np.argmin(gmm.means_.ravel()))
-    return gmm.predict_proba(x)[:, clean]
+    z = ((x - lo) / (hi - lo)).reshape(-1, 1)
+    gmm = GaussianMixture(3, max_iter=100, tol=1e-4, reg_covar=5e-4, random_state=seed).fit(z)
+    means = gmm.means_.ravel()
+    top = int(np.argmax(means))
+    prob = 1.0 - gmm.predict_proba(z)[:, top]
+    prob[z.ravel() >= means[top]] = 0.0
+    return prob
+
+
+def smooth_weights(previous: np.ndarray | None, current: np.ndarray, momentum: float) -> np.ndarray:
+    """Exponential moving average of per-pair weights over epochs (damps one-epoch misfits)."""
+    if previous is None:
+        return current
+    return momentum * previous + (1.0 - momentum) * current
 
 
 def cross_modal_losses(
