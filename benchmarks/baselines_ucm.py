@@ -12,8 +12,17 @@ import argparse
 from dataclasses import replace
 
 from benchmarks.common import CACHE, markdown_table, write_results
-from benchmarks.duch_ucm import _mean_std, base_config, paper_rows, run_once, ucm_features
+from benchmarks.duch_ucm import (
+    _mean_std,
+    base_config,
+    override,
+    paper_rows,
+    run_once,
+    ucm_features,
+    variant_tag,
+)
 from rshash.features import FeatureStore
+from rshash.training.config import default_lr
 
 
 def main() -> None:
@@ -22,7 +31,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--set", nargs="+", default=[], help="Config overrides, e.g. optim.lr=...")
     args = parser.parse_args()
+    tag = variant_tag(args.set)
     features = ucm_features()
     store = FeatureStore.open(features)
     records = []
@@ -30,7 +41,12 @@ def main() -> None:
         for bits in args.bits:
             for seed in args.seeds:
                 cfg = replace(base_config(features, bits, seed, args.epochs), method=method)
-                run_dir = CACHE / "runs" / f"{method}-b{bits}-s{seed}-e{args.epochs}"
+                cfg = replace(cfg, optim=replace(cfg.optim, lr=default_lr(cfg.method)))
+                for assignment in args.set:
+                    cfg = override(cfg, assignment)
+                name = f"{method}-b{bits}-s{seed}-e{args.epochs}-lr{cfg.optim.lr:g}"
+                name += f"-{tag}" if tag else ""
+                run_dir = CACHE / "runs" / name
                 rec = {"method": method, "bits": bits, "seed": seed}
                 rec.update(run_once(cfg, run_dir, store))
                 records.append(rec)
@@ -52,11 +68,14 @@ def main() -> None:
     title = (
         "# DJSRH and JDSH on clean UCM-Captions, mAP@20 (DUCH definition), mean ± std over "
         f"seeds {args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
-        f"{args.epochs} epochs, batch 256, Adam 1e-4; joint matrix β = 0.6, η = 0.4, μ = 1.5, "
-        "λ = 0.1; JDSH decision at ±1 row std, boost 0.2, damp 0.5. Paper rows: "
+        f"{args.epochs} epochs, batch 256, Adam 1e-3 {' '.join(args.set)}; joint matrix "
+        "β = 0.6, η = 0.4, μ = 1.5, "
+        "λ = 1 (DJSRH), 0.1 (JDSH); JDSH decision at ±1 row std, boost 0.2, damp 0.5. Paper rows: "
         "../shared/anchors/duch-paper-map20.csv (ResNet-18 + BERT features).\n\n"
     )
-    write_results("baselines_ucm", records, title + markdown_table(header, rows))
+    write_results(
+        "baselines_ucm" + (f"-{tag}" if tag else ""), records, title + markdown_table(header, rows)
+    )
 
 
 if __name__ == "__main__":

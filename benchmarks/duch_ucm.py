@@ -69,7 +69,7 @@ def override(cfg: Any, assignment: str) -> Any:
         return replace(cfg, **{head: override(current, f"{rest}={text}")})
     value: Any = text.lower() in ("1", "true", "yes") if isinstance(current, bool) else text
     if not isinstance(current, bool):
-        value = type(current)(text)
+        value = float(text) if current is None else type(current)(text)
     return replace(cfg, **{head: value})
 
 

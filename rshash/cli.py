@@ -122,12 +122,15 @@ def features_extract(
 def train(
     features: Annotated[Path, typer.Option(help="Feature store from `rshash features extract`.")],
     out: Annotated[Path, typer.Option(help="Run directory (resumed if it holds a checkpoint).")],
-    method: Annotated[str, typer.Option(help="duch or chnr.")] = "duch",
+    method: Annotated[str, typer.Option(help="duch, chnr, or the baselines djsrh, jdsh.")] = "duch",
     bits: Annotated[int, typer.Option(help="Code length K.")] = 64,
     epochs: Annotated[
         int | None, typer.Option(help="Epochs in all (default: DUCH 100, CHNR 150).")
     ] = None,
     batch_size: Annotated[int, typer.Option()] = 256,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate (default: 1e-4; DJSRH, JDSH 1e-3).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the train/query/retrieval split.")] = 42,
     caption_mode: Annotated[
@@ -155,7 +158,7 @@ def train(
         str,
         typer.Option(
             help="CHNR: soft, cubed, discrete or ones (detector weights), or self: no clean "
-            "subset, weights from a 2-component mixture on per-pair losses after warm-up."
+            "subset, weights from a 3-component mixture on per-pair losses after warm-up."
         ),
     ] = "discrete",
     meta_epochs: Annotated[
@@ -170,6 +173,7 @@ def train(
     """Train hash functions and write a run directory."""
     from rshash.training import CHNRConfig, LossConfig, OptimConfig, TrainConfig
     from rshash.training import train as train_run
+    from rshash.training.config import default_lr
 
     _check_choice("--method", method, ("duch", "chnr", "djsrh", "jdsh"))
     _check_choice("--caption-mode", caption_mode, ("one", "all"))
@@ -199,7 +203,11 @@ def train(
         loss=LossConfig(
             alpha=alpha, beta=beta, gamma=gamma, temperature=temperature, intra_modal=intra_modal
         ),
-        optim=OptimConfig(epochs=total, batch_size=batch_size),
+        optim=OptimConfig(
+            epochs=total,
+            batch_size=batch_size,
+            lr=lr or default_lr(method),  # type: ignore[arg-type]
+        ),
         chnr=CHNRConfig(
             meta_epochs=meta_epochs or (SELF_WARMUP if weighting == "self" else total // 2),
             weighting=weighting,  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ class ReconstructionTrainer(DUCHTrainer):
             if self.cfg.method == "jdsh":
                 target, weight = distribution_decision(target, b.spread, b.boost, b.damp)
         h_i, h_t = i_net(p.image[idx]), t_net(p.text[idx])
-        loss = reconstruction_loss(target, h_i, h_t, b.scale, b.intra_weight, weight)
+        loss = reconstruction_loss(target, h_i, h_t, b.scale, b.intra_for(self.cfg.method), weight)
         self.hash_optim.zero_grad(set_to_none=True)
         loss.backward()
         self.hash_optim.step()
