@@ -23,6 +23,7 @@ import numpy as np
 from benchmarks.common import machine, markdown_table, write_results
 from rshash.index import kernels, make_engine, pack_codes
 from rshash.index.engines import recall_at
+from rshash.index.packing import aligned_empty
 
 K = 20
 QUERIES = 1000
@@ -64,12 +65,13 @@ def limits(n: int, bits: int) -> tuple[float, float]:
     """(single-query qps limit (a), batched qps limit (b)) for n codes of `bits` bits."""
     threads = numba.get_num_threads()
     rng = np.random.default_rng(7)
-    buf = rng.integers(0, 2**63, size=max(n * bits // 64, 1 << 16), dtype=np.int64).view(np.uint64)
+    buf = aligned_empty((max(n * bits // 64, 1 << 16),))
+    buf[:] = rng.integers(0, 2**63, size=len(buf), dtype=np.int64).view(np.uint64)
     kernels.read_bandwidth(buf[:1024], threads)
     bandwidth = best(
         lambda: rate(lambda: kernels.read_bandwidth(buf, threads), buf.nbytes, 0.3), tries=5
     )
-    small = buf[:4096].copy()
+    small = buf[:4096]  # cache-line aligned: the best case is the limit
     kernels.popcount_throughput(small, 1, threads)
     words = best(
         lambda: rate(

@@ -6,6 +6,7 @@ import pytest
 from rshash.errors import RshashError
 from rshash.index import make_engine, pack_codes, unpack_codes
 from rshash.index.engines import recall_against_exact
+from rshash.index.packing import to_words
 
 
 def _codes(rng, n, bits, clustered=False):
@@ -111,3 +112,12 @@ def test_pack_roundtrip_and_errors():
         make_engine("annoy", 64)
     with pytest.raises(RshashError, match="packed bytes"):
         make_engine("exact", 64).search(np.zeros((1, 16), np.uint8), 1)
+
+
+@pytest.mark.parametrize("n", [1, 13, 1000])
+def test_word_layout_is_cache_line_aligned_and_lossless(n):
+    packed = np.random.default_rng(n).integers(0, 256, size=(n, 16), dtype=np.uint8)
+    words = to_words(packed)
+    assert words.ctypes.data % 64 == 0
+    assert words.flags.c_contiguous
+    assert np.array_equal(words.T.copy().view(np.uint8), packed)

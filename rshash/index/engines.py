@@ -126,11 +126,7 @@ class ExactEngine(Engine):
         threads = numba.get_num_threads()
         parts = 1 if len(q) >= threads else threads
         with self._lock:
-            tiles = kernels.topk_tiles(self._words, q, k, parts, threads)
-            dist, pos = kernels.merge_tiles(*tiles)
-        found = pos >= 0
-        keys = np.where(found, self._keys[np.where(found, pos, 0)], -1)
-        return np.where(found, dist, kernels.FAR).astype(np.int32), keys
+            return kernels.topk(self._words, self._keys, q, k, parts, threads)
 
     def range_search(self, queries: np.ndarray, radius: int) -> list[Hits]:
         q = query_words(self._check(queries))

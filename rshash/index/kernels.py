@@ -4,6 +4,9 @@ Codes are held word-major: `words[w, i]` is the w-th 64-bit word of item i, so t
 the distance loop over items is a flat, vectorisable XOR + popcount (AVX-512 VPOPCNTQ where the CPU
 has it; numba compiles for the host). Items are scanned in cache-sized blocks; each block is
 reused by every query of a batch before moving on, so a batch reads the archive from memory once.
+A block whose nearest item could enter a query's top-k is rescanned in groups of 64 items that
+yield a bit mask of the items to insert, so the rare candidates cost two vector passes, not a
+scalar one.
 Results are ordered by (distance, position): among equal distances the earlier item wins, which
 is what a stable sort of the distances gives.
 """
@@ -15,9 +18,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-BLOCK = 1024  # items per block: 16 KiB of 64-bit codes, plus an int32 distance row, stay in L1/L2
+BLOCK = 1024  # items per block: 8 KiB of 64-bit codes stay in L1 while every query visits them
+GROUP = 64  # items per candidate mask: one bit each in a uint64
 NO_ITEM = -1
-SUB = 64  # items per sub-block, rescanned one by one only when it holds a candidate
 FAR = np.iinfo(np.int32).max
 
 
@@ -29,6 +32,18 @@ def _popcount(typingctx, x):
     def codegen(context, builder, signature, args):
         fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
         return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, x):
+    """llvm.cttz on a non-zero uint64: the position of its lowest set bit."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.cttz", [ir.IntType(64), ir.IntType(1)])
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
 
     return sig, codegen
 
@@ -76,6 +91,37 @@ def _block_min(words, query, start, stop, acc):
 
 
 @njit(inline="always")
+def _group_mask(words, query, start, stop, acc, thr):
+    """Bit j set when item start + j is nearer than `thr` (at most GROUP items).
+
+    Written as a shift-or over a fixed-size loop so that it compiles to vector compares into
+    mask registers, with no branch per item.
+    """
+    last = words.shape[0] - 1
+    m = stop - start
+    t = np.uint64(thr)
+    mask = np.uint64(0)
+    tail = words[last, start:stop]
+    q_tail = query[last]
+    if last == 0:
+        for j in range(m):
+            mask |= np.uint64(_popcount(tail[j] ^ q_tail) < t) << np.uint64(j)
+        return mask
+    head = words[0, start:stop]
+    q_head = query[0]
+    for j in range(m):
+        acc[j] = _popcount(head[j] ^ q_head)
+    for w in range(1, last):
+        row = words[w, start:stop]
+        qw = query[w]
+        for j in range(m):
+            acc[j] += _popcount(row[j] ^ qw)
+    for j in range(m):
+        mask |= np.uint64(acc[j] + _popcount(tail[j] ^ q_tail) < t) << np.uint64(j)
+    return mask
+
+
+@njit(inline="always")
 def _insert(best_d, best_i, d, item):
     """Insert (d, item) into the sorted top-k row, after any equal distances."""
     p = best_d.shape[0] - 1
@@ -87,8 +133,24 @@ def _insert(best_d, best_i, d, item):
     best_i[p] = item
 
 
+@njit(inline="always")
+def _scan_block(words, query, start, stop, acc, best_d, best_i):
+    """Update one query's sorted top-k row with the items start..stop, in item order."""
+    k = best_d.shape[0]
+    if _block_min(words, query, start, stop, acc) >= best_d[k - 1]:
+        return
+    for g in range(start, stop, GROUP):
+        mask = _group_mask(words, query, g, min(g + GROUP, stop), acc, best_d[k - 1])
+        while mask:
+            i = g + np.int64(_trailing_zeros(mask))
+            mask &= mask - np.uint64(1)
+            d = _distance(words, query, i)
+            if d < best_d[k - 1]:
+                _insert(best_d, best_i, d, i)
+
+
 @njit(parallel=True, cache=True)
-def topk_tiles(words, queries, k, parts, threads):
+def _topk_tiles(words, queries, k, parts, threads):
     """Top-k of every query over `parts` contiguous item ranges: (parts, q, k) partial results.
 
     Tiles (query chunk × item range) run in parallel; a batch splits over queries, a single
@@ -108,25 +170,16 @@ def topk_tiles(words, queries, k, parts, threads):
         for start in range(lo, hi, BLOCK):
             stop = min(start + BLOCK, hi)
             for q in range(q_lo, q_hi):
-                query = queries[q]
-                if _block_min(words, query, start, stop, acc) >= out_d[part, q, k - 1]:
-                    continue
-                best_d, best_i = out_d[part, q], out_i[part, q]
-                for sub in range(start, stop, SUB):
-                    end = min(sub + SUB, stop)
-                    if _block_min(words, query, sub, end, acc) >= best_d[k - 1]:
-                        continue
-                    for i in range(sub, end):
-                        d = _distance(words, query, i)
-                        if d < best_d[k - 1]:
-                            _insert(best_d, best_i, d, i)
+                _scan_block(words, queries[q], start, stop, acc, out_d[part, q], out_i[part, q])
     return out_d, out_i
 
 
 @njit(cache=True)
-def merge_tiles(tile_d, tile_i):
+def _merge_tiles(tile_d, tile_i):
     """Merge per-range top-k lists (ranges in item order) into one top-k per query."""
     parts, nq, k = tile_d.shape
+    if parts == 1:
+        return tile_d[0], tile_i[0]
     out_d = np.full((nq, k), FAR, np.int32)
     out_i = np.full((nq, k), NO_ITEM, np.int64)
     for q in range(nq):
@@ -137,6 +190,21 @@ def merge_tiles(tile_d, tile_i):
                     break
                 _insert(out_d[q], out_i[q], d, tile_i[part, q, r])
     return out_d, out_i
+
+
+@njit(cache=True)
+def topk(words, keys, queries, k, parts, threads):
+    """Exact top-k: (distances, keys) per query, (FAR, -1) past the end of the archive.
+
+    One compiled call from query words to keys, so a single query pays one dispatch.
+    """
+    dist, pos = _merge_tiles(*_topk_tiles(words, queries, k, parts, threads))
+    out = np.full(pos.shape, NO_ITEM, np.int64)
+    for q in range(pos.shape[0]):
+        for r in range(k):
+            if pos[q, r] >= 0:
+                out[q, r] = keys[pos[q, r]]
+    return dist, out
 
 
 @njit(parallel=True, cache=True)

@@ -21,14 +21,31 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
     return bits * 2 - 1
 
 
+ALIGN = 64  # bytes: a cache line, and one AVX-512 register
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: type = np.uint64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a cache line.
+
+    Vector loads that straddle two cache lines cost up to a quarter of the scan speed.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    size = int(np.prod(shape))
+    raw = np.empty(size * itemsize + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip : skip + size * itemsize].view(dtype).reshape(shape)
+
+
 def to_words(packed: np.ndarray) -> np.ndarray:
     """(n, K/8) uint8 → word-major (K/64, n) uint64, the layout the search kernels scan.
 
     Reinterpreting bytes as words only permutes bits within an item, so Hamming distances are
-    unchanged.
+    unchanged. The first row starts on a cache line (later rows too when n is a multiple of 8).
     """
     packed = np.ascontiguousarray(packed, np.uint8)
-    return np.ascontiguousarray(packed.view(np.uint64).T)
+    words = aligned_empty((packed.shape[1] // 8, len(packed)))
+    words[:] = packed.view(np.uint64).T
+    return words
 
 
 def query_words(packed: np.ndarray) -> np.ndarray:
