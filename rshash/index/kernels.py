@@ -19,6 +19,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 BLOCK = 1024  # items per block: 8 KiB of 64-bit codes stay in L1 while every query visits them
+PART = 256  # a candidate block is rechecked in parts of this many items
 GROUP = 64  # items per candidate mask: one bit each in a uint64
 NO_ITEM = -1
 FAR = np.iinfo(np.int32).max
@@ -139,14 +140,18 @@ def _scan_block(words, query, start, stop, acc, best_d, best_i):
     k = best_d.shape[0]
     if _block_min(words, query, start, stop, acc) >= best_d[k - 1]:
         return
-    for g in range(start, stop, GROUP):
-        mask = _group_mask(words, query, g, min(g + GROUP, stop), acc, best_d[k - 1])
-        while mask:
-            i = g + np.int64(_trailing_zeros(mask))
-            mask &= mask - np.uint64(1)
-            d = _distance(words, query, i)
-            if d < best_d[k - 1]:
-                _insert(best_d, best_i, d, i)
+    for part in range(start, stop, PART):
+        end = min(part + PART, stop)
+        if _block_min(words, query, part, end, acc) >= best_d[k - 1]:
+            continue
+        for g in range(part, end, GROUP):
+            mask = _group_mask(words, query, g, min(g + GROUP, end), acc, best_d[k - 1])
+            while mask:
+                i = g + np.int64(_trailing_zeros(mask))
+                mask &= mask - np.uint64(1)
+                d = _distance(words, query, i)
+                if d < best_d[k - 1]:
+                    _insert(best_d, best_i, d, i)
 
 
 @njit(parallel=True, cache=True)
