@@ -58,11 +58,26 @@ def _distance(words, query, i):
 
 
 @njit(inline="always")
+def _partial_distances(words, query, start, stop, acc):
+    """acc[j] = distance of item start + j over every word but the last (codes of K > 128)."""
+    m = stop - start
+    head = words[0, start:stop]
+    q_head = query[0]
+    for j in range(m):
+        acc[j] = _popcount(head[j] ^ q_head)
+    for w in range(1, words.shape[0] - 1):
+        row = words[w, start:stop]
+        qw = query[w]
+        for j in range(m):
+            acc[j] += _popcount(row[j] ^ qw)
+
+
+@njit(inline="always")
 def _block_min(words, query, start, stop, acc):
     """Smallest distance from `query` to items start..stop (`acc`: scratch for K > 64).
 
-    A fused XOR + popcount + min over a contiguous row vectorises fully; the caller rescans a
-    block item by item only when it holds a candidate, which after the first blocks is rare.
+    A fused XOR + popcount + min over a contiguous row vectorises fully; the caller rechecks a
+    block only when it holds a candidate, which after the first blocks is rare.
     """
     last = words.shape[0] - 1
     m = stop - start
@@ -79,13 +94,7 @@ def _block_min(words, query, start, stop, acc):
         for j in range(m):
             lo = min(lo, _popcount(head[j] ^ q_head) + _popcount(tail[j] ^ q_tail))
         return np.int32(lo)
-    for j in range(m):
-        acc[j] = _popcount(head[j] ^ q_head)
-    for w in range(1, last):
-        row = words[w, start:stop]
-        qw = query[w]
-        for j in range(m):
-            acc[j] += _popcount(row[j] ^ qw)
+    _partial_distances(words, query, start, stop, acc)
     for j in range(m):
         lo = min(lo, acc[j] + _popcount(tail[j] ^ q_tail))
     return np.int32(lo)
@@ -108,15 +117,7 @@ def _group_mask(words, query, start, stop, acc, thr):
         for j in range(m):
             mask |= np.uint64(_popcount(tail[j] ^ q_tail) < t) << np.uint64(j)
         return mask
-    head = words[0, start:stop]
-    q_head = query[0]
-    for j in range(m):
-        acc[j] = _popcount(head[j] ^ q_head)
-    for w in range(1, last):
-        row = words[w, start:stop]
-        qw = query[w]
-        for j in range(m):
-            acc[j] += _popcount(row[j] ^ qw)
+    _partial_distances(words, query, start, stop, acc)
     for j in range(m):
         mask |= np.uint64(acc[j] + _popcount(tail[j] ^ q_tail) < t) << np.uint64(j)
     return mask
