@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from rshash.errors import RshashError
-from rshash.index import make_engine, pack_codes, unpack_codes
+from rshash.index import kernels, make_engine, pack_codes, unpack_codes
 from rshash.index.engines import recall_against_exact
-from rshash.index.packing import to_words
+from rshash.index.packing import query_words, to_words
 
 
 def _codes(rng, n, bits, clustered=False):
@@ -121,3 +121,20 @@ def test_word_layout_is_cache_line_aligned_and_lossless(n):
     assert words.ctypes.data % 64 == 0
     assert words.flags.c_contiguous
     assert np.array_equal(words.T.copy().view(np.uint8), packed)
+
+
+@pytest.mark.parametrize("warm", [1, 3, kernels.WARM])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_kernel_two_pass_start_and_ranges_match_reference(warm, parts):
+    """Every split of the search (warm-start blocks, item ranges, query chunks) is exact."""
+    rng = np.random.default_rng(warm + parts)
+    base = rng.integers(0, 256, size=(30, 8), dtype=np.uint8)
+    codes = np.concatenate([_codes(rng, 4000, 64, clustered=True), base[rng.integers(0, 30, 3500)]])
+    queries = np.concatenate([base[:3], codes[:2], _codes(rng, 4, 64)])
+    keys = np.arange(len(codes), dtype=np.int64)
+    words, q = to_words(codes), query_words(queries)
+    for k in (1, 20, 300):
+        d, found = kernels.topk(words, keys, q, k, parts, 2, warm)
+        ref_d, ref_pos = _reference(codes, queries, k)
+        assert np.array_equal(d, ref_d)
+        assert np.array_equal(found, ref_pos)

@@ -4,9 +4,12 @@ Codes are held word-major: `words[w, i]` is the w-th 64-bit word of item i, so t
 the distance loop over items is a flat, vectorisable XOR + popcount (AVX-512 VPOPCNTQ where the CPU
 has it; numba compiles for the host). Items are scanned in cache-sized blocks; each block is
 reused by every query of a batch before moving on, so a batch reads the archive from memory once.
-A block whose nearest item could enter a query's top-k is rescanned in groups of 64 items that
-yield a bit mask of the items to insert, so the rare candidates cost two vector passes, not a
-scalar one.
+A block whose nearest item could enter a query's top-k gets its distances in one more vector pass
+and a bit mask per 64 items, so the rare candidates are never walked item by item. The first
+blocks are searched in two passes (block minima, then candidates under their k-th smallest), so
+that a cold top-k list does not turn them all into candidates.
+Everything in the loops is indexed, never sliced: a numba slice is a view whose reference count is
+updated atomically, which costs more than the distances in these short loops.
 Results are ordered by (distance, position): among equal distances the earlier item wins, which
 is what a stable sort of the distances gives.
 """
@@ -19,8 +22,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 BLOCK = 1024  # items per block: 8 KiB of 64-bit codes stay in L1 while every query visits them
-PART = 256  # a candidate block is rechecked in parts of this many items
 GROUP = 64  # items per candidate mask: one bit each in a uint64
+WARM = 1024  # blocks that fill the top-k rows in two passes: 8 MiB of 64-bit codes, in L3
 NO_ITEM = -1
 FAR = np.iinfo(np.int32).max
 
@@ -50,133 +53,165 @@ def _trailing_zeros(typingctx, x):
 
 
 @njit(inline="always")
-def _distance(words, query, i):
+def _at(j):
+    """An unsigned index: numba then skips the negative-index fix-up, which blocks vectorising."""
+    return np.uint64(j)
+
+
+@njit(inline="always")
+def _distance(words, queries, q, i):
     d = np.uint64(0)
     for w in range(words.shape[0]):
-        d += _popcount(words[w, i] ^ query[w])
+        d += _popcount(words[w, _at(i)] ^ queries[q, w])
     return np.int32(d)
 
 
 @njit(inline="always")
-def _partial_distances(words, query, start, stop, acc):
-    """acc[j] = distance of item start + j over every word but the last (codes of K > 128)."""
-    m = stop - start
-    head = words[0, start:stop]
-    q_head = query[0]
-    for j in range(m):
-        acc[j] = _popcount(head[j] ^ q_head)
-    for w in range(1, words.shape[0] - 1):
-        row = words[w, start:stop]
-        qw = query[w]
-        for j in range(m):
-            acc[j] += _popcount(row[j] ^ qw)
+def _distances(words, queries, q, start, stop, acc, nwords):
+    """acc[j] = distance from query q to item start + j over the first `nwords` words."""
+    q_head = queries[q, 0]
+    for j in range(start, stop):
+        acc[_at(j - start)] = _popcount(words[0, _at(j)] ^ q_head)
+    for w in range(1, nwords):
+        qw = queries[q, w]
+        for j in range(start, stop):
+            acc[_at(j - start)] += _popcount(words[w, _at(j)] ^ qw)
 
 
 @njit(inline="always")
-def _block_min(words, query, start, stop, acc):
-    """Smallest distance from `query` to items start..stop (`acc`: scratch for K > 64).
+def _block_min(words, queries, q, start, stop, acc):
+    """Smallest distance from query q to items start..stop (`acc`: scratch for K > 128).
 
     A fused XOR + popcount + min over a contiguous row vectorises fully; the caller rechecks a
     block only when it holds a candidate, which after the first blocks is rare.
     """
     last = words.shape[0] - 1
-    m = stop - start
     lo = np.uint64(FAR)
-    tail = words[last, start:stop]
-    q_tail = query[last]
+    q_tail = queries[q, last]
     if last == 0:
-        for j in range(m):
-            lo = min(lo, _popcount(tail[j] ^ q_tail))
+        for j in range(start, stop):
+            lo = min(lo, _popcount(words[0, _at(j)] ^ q_tail))
         return np.int32(lo)
-    head = words[0, start:stop]
-    q_head = query[0]
     if last == 1:  # 128 bits: both words in one fused loop
-        for j in range(m):
-            lo = min(lo, _popcount(head[j] ^ q_head) + _popcount(tail[j] ^ q_tail))
+        q_head = queries[q, 0]
+        for j in range(start, stop):
+            lo = min(
+                lo, _popcount(words[0, _at(j)] ^ q_head) + _popcount(words[1, _at(j)] ^ q_tail)
+            )
         return np.int32(lo)
-    _partial_distances(words, query, start, stop, acc)
-    for j in range(m):
-        lo = min(lo, acc[j] + _popcount(tail[j] ^ q_tail))
+    _distances(words, queries, q, start, stop, acc, last)
+    for j in range(start, stop):
+        lo = min(lo, acc[_at(j - start)] + _popcount(words[last, _at(j)] ^ q_tail))
     return np.int32(lo)
 
 
 @njit(inline="always")
-def _group_mask(words, query, start, stop, acc, thr):
-    """Bit j set when item start + j is nearer than `thr` (at most GROUP items).
-
-    Written as a shift-or over a fixed-size loop so that it compiles to vector compares into
-    mask registers, with no branch per item.
-    """
-    last = words.shape[0] - 1
-    m = stop - start
-    t = np.uint64(thr)
-    mask = np.uint64(0)
-    tail = words[last, start:stop]
-    q_tail = query[last]
-    if last == 0:
-        for j in range(m):
-            mask |= np.uint64(_popcount(tail[j] ^ q_tail) < t) << np.uint64(j)
-        return mask
-    _partial_distances(words, query, start, stop, acc)
-    for j in range(m):
-        mask |= np.uint64(acc[j] + _popcount(tail[j] ^ q_tail) < t) << np.uint64(j)
-    return mask
-
-
-@njit(inline="always")
-def _insert(best_d, best_i, d, item):
-    """Insert (d, item) into the sorted top-k row, after any equal distances."""
-    p = best_d.shape[0] - 1
-    while p > 0 and best_d[p - 1] > d:
-        best_d[p] = best_d[p - 1]
-        best_i[p] = best_i[p - 1]
+def _insert(best_d, best_i, q, d, item):
+    """Insert (d, item) into query q's sorted top-k row, after any equal distances."""
+    p = best_d.shape[1] - 1
+    while p > 0 and best_d[q, p - 1] > d:
+        best_d[q, p] = best_d[q, p - 1]
+        best_i[q, p] = best_i[q, p - 1]
         p -= 1
-    best_d[p] = d
-    best_i[p] = item
+    best_d[q, p] = d
+    best_i[q, p] = item
 
 
 @njit(inline="always")
-def _scan_block(words, query, start, stop, acc, best_d, best_i):
-    """Update one query's sorted top-k row with the items start..stop, in item order."""
-    k = best_d.shape[0]
-    if _block_min(words, query, start, stop, acc) >= best_d[k - 1]:
-        return
-    for part in range(start, stop, PART):
-        end = min(part + PART, stop)
-        if _block_min(words, query, part, end, acc) >= best_d[k - 1]:
-            continue
-        for g in range(part, end, GROUP):
-            mask = _group_mask(words, query, g, min(g + GROUP, end), acc, best_d[k - 1])
-            while mask:
-                i = g + np.int64(_trailing_zeros(mask))
-                mask &= mask - np.uint64(1)
-                d = _distance(words, query, i)
-                if d < best_d[k - 1]:
-                    _insert(best_d, best_i, d, i)
+def _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, cap):
+    """Update query q's sorted top-k row (best_d[q], best_i[q]) with the items start..stop that
+    are nearer than `cap`, in item order.
+
+    The block's distances come from one vector pass, then a bit mask per GROUP items from
+    branch-free compares; only the set bits are visited.
+    """
+    last = best_d.shape[1] - 1
+    _distances(words, queries, q, start, stop, acc, words.shape[0])
+    for g in range(start, stop, GROUP):
+        t = np.uint64(min(best_d[q, last], cap))
+        mask = np.uint64(0)
+        for j in range(g, min(g + GROUP, stop)):
+            mask |= np.uint64(acc[_at(j - start)] < t) << np.uint64(j - g)
+        while mask:
+            i = g + np.int64(_trailing_zeros(mask))
+            mask &= mask - np.uint64(1)
+            d = np.int32(acc[_at(i - start)])
+            if d < best_d[q, last]:
+                _insert(best_d, best_i, q, d, i)
+
+
+@njit(inline="always")
+def _caps(hist, k, cap):
+    """cap[j] = 1 + the k-th smallest block minimum of query j (no cap with fewer blocks)."""
+    nq, width = hist.shape
+    for j in range(nq):
+        cap[j] = width
+        seen = 0
+        for d in range(width):
+            seen += hist[j, d]
+            if seen >= k:
+                cap[j] = d + 1
+                break
+
+
+@njit(inline="always")
+def _warm_start(words, queries, q_lo, q_hi, b_lo, b_hi, acc, best_d, best_i):
+    """Fill the top-k rows of queries q_lo..q_hi from blocks b_lo..b_hi, in two passes.
+
+    First the nearest distance of every (block, query); the k-th smallest per query caps the
+    distances that can enter the top-k (k blocks hold k distinct items that near). Then only
+    the blocks whose minimum is under that cap and the current k-th distance are visited. A
+    cold top-k row would instead let a stream of early candidates through.
+    """
+    n, k = words.shape[1], best_d.shape[1]
+    mins = np.empty((b_hi - b_lo, q_hi - q_lo), np.uint8)
+    hist = np.zeros((q_hi - q_lo, 64 * words.shape[0] + 1), np.int32)
+    cap = np.empty(q_hi - q_lo, np.int32)
+    for b in range(b_lo, b_hi):
+        start = b * BLOCK
+        stop = min(start + BLOCK, n)
+        for q in range(q_lo, q_hi):
+            m = _block_min(words, queries, q, start, stop, acc)
+            mins[b - b_lo, q - q_lo] = m
+            hist[q - q_lo, m] += 1
+    _caps(hist, k, cap)
+    for b in range(b_lo, b_hi):
+        start = b * BLOCK
+        stop = min(start + BLOCK, n)
+        for q in range(q_lo, q_hi):
+            c = cap[q - q_lo]
+            if mins[b - b_lo, q - q_lo] < min(best_d[q, k - 1], c):
+                _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, c)
 
 
 @njit(parallel=True, cache=True)
-def _topk_tiles(words, queries, k, parts, threads):
-    """Top-k of every query over `parts` contiguous item ranges: (parts, q, k) partial results.
+def _topk_tiles(words, queries, k, parts, threads, warm):
+    """Top-k of every query over `parts` contiguous block ranges: (parts, q, k) partial results.
 
-    Tiles (query chunk × item range) run in parallel; a batch splits over queries, a single
-    query over item ranges.
+    Tiles (query chunk × block range) run in parallel: a batch splits over queries, a single
+    query over blocks. The first `warm` blocks of a tile fill its rows (`_warm_start`); after
+    them a block is rescanned only when its minimum can still enter a query's row.
     """
-    n = words.shape[1]
-    nq = queries.shape[0]
+    n, nq = words.shape[1], queries.shape[0]
+    nblocks = (n + BLOCK - 1) // BLOCK
     qchunks = max(1, min(nq, threads))
     out_d = np.full((parts, nq, k), FAR, np.int32)
     out_i = np.full((parts, nq, k), NO_ITEM, np.int64)
-    span = (n + parts - 1) // parts
+    per_part = (nblocks + parts - 1) // parts
     for tile in prange(parts * qchunks):
         part, chunk = tile // qchunks, tile % qchunks
-        lo, hi = part * span, min(n, (part + 1) * span)
+        b_lo, b_hi = part * per_part, min(nblocks, (part + 1) * per_part)
         q_lo, q_hi = chunk * nq // qchunks, (chunk + 1) * nq // qchunks
         acc = np.empty(BLOCK, np.uint64)
-        for start in range(lo, hi, BLOCK):
-            stop = min(start + BLOCK, hi)
+        best_d, best_i = out_d[part], out_i[part]
+        w_hi = min(b_hi, b_lo + warm)
+        _warm_start(words, queries, q_lo, q_hi, b_lo, w_hi, acc, best_d, best_i)
+        for b in range(w_hi, b_hi):
+            start = b * BLOCK
+            stop = min(start + BLOCK, n)
             for q in range(q_lo, q_hi):
-                _scan_block(words, queries[q], start, stop, acc, out_d[part, q], out_i[part, q])
+                if _block_min(words, queries, q, start, stop, acc) < best_d[q, k - 1]:
+                    _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, FAR)
     return out_d, out_i
 
 
@@ -194,17 +229,19 @@ def _merge_tiles(tile_d, tile_i):
                 d = tile_d[part, q, r]
                 if d >= out_d[q, k - 1]:
                     break
-                _insert(out_d[q], out_i[q], d, tile_i[part, q, r])
+                _insert(out_d, out_i, q, d, tile_i[part, q, r])
     return out_d, out_i
 
 
 @njit(cache=True)
-def topk(words, keys, queries, k, parts, threads):
+def topk(words, keys, queries, k, parts, threads, warm=WARM):
     """Exact top-k: (distances, keys) per query, (FAR, -1) past the end of the archive.
 
-    One compiled call from query words to keys, so a single query pays one dispatch.
+    `parts` item ranges are searched in parallel, each over `threads` query chunks; the first
+    `warm` blocks of each range are searched in two passes. One compiled call from query words
+    to keys, so a single query pays one dispatch.
     """
-    dist, pos = _merge_tiles(*_topk_tiles(words, queries, k, parts, threads))
+    dist, pos = _merge_tiles(*_topk_tiles(words, queries, k, parts, threads, warm))
     out = np.full(pos.shape, NO_ITEM, np.int64)
     for q in range(pos.shape[0]):
         for r in range(k):
@@ -220,13 +257,12 @@ def range_counts(words, queries, radius):
     counts = np.zeros(nq, np.int64)
     for q in prange(nq):
         acc = np.empty(BLOCK, np.uint64)
-        query = queries[q]
         c = 0
         for start in range(0, n, BLOCK):
             stop = min(start + BLOCK, n)
-            if _block_min(words, query, start, stop, acc) <= radius:
+            if _block_min(words, queries, q, start, stop, acc) <= radius:
                 for i in range(start, stop):
-                    c += _distance(words, query, i) <= radius
+                    c += _distance(words, queries, q, i) <= radius
         counts[q] = c
     return counts
 
@@ -237,14 +273,13 @@ def range_fill(words, queries, radius, offsets, out_d, out_i):
     nq, n = queries.shape[0], words.shape[1]
     for q in prange(nq):
         acc = np.empty(BLOCK, np.uint64)
-        query = queries[q]
         at = offsets[q]
         for start in range(0, n, BLOCK):
             stop = min(start + BLOCK, n)
-            if _block_min(words, query, start, stop, acc) > radius:
+            if _block_min(words, queries, q, start, stop, acc) > radius:
                 continue
             for i in range(start, stop):
-                d = _distance(words, query, i)
+                d = _distance(words, queries, q, i)
                 if d <= radius:
                     out_d[at] = d
                     out_i[at] = i
