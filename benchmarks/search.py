@@ -6,8 +6,10 @@ random projections of a Gaussian mixture, like real hash codes); 1000 queries; k
 Limits, measured on this machine in this run:
 - (a) single query: read bandwidth over a buffer as large as the codes ÷ bytes per query;
 - (b) batched: in-cache XOR + popcount throughput (64-bit words/s, all cores) ÷ words per query.
-Each figure is measured in turn with its limit, five times, and the best of each is kept: the
-machine is shared and its speed drifts, so a figure and its limit are taken under the same load.
+Each figure is measured in turn with its limit, five times: the machine is shared and its speed
+drifts (memory bandwidth swings by 2x within a run), so a figure and its limit are taken under
+the same load. The ratio is the median of the five paired ratios, robust to a burst in either;
+queries/s and limit are the medians of their five measurements.
 Recall@20 is tie-aware: the share of returned items no farther than the exact 20th neighbour.
 Usage: python -m benchmarks.search [--sizes 100000 1000000 10000000] [--quick]
 """
@@ -85,14 +87,18 @@ class Limits:
         return words_s / self.words_per_query
 
 
-def paired(measure: Callable[[], float], limit: Callable[[], float], tries: int = 5) -> tuple:
-    """(best of `measure`, best of `limit`), the two taken in turn.
+def paired(
+    measure: Callable[[], float], limit: Callable[[], float], tries: int = 5
+) -> tuple[float, float, float]:
+    """Medians of `measure`, of `limit` and of their ratio, the two taken in turn `tries` times.
 
     The machine is shared: its speed drifts within a run. Interleaving puts a figure and its
-    limit under the same conditions, and the best of each is what the hardware allows.
+    limit under the same conditions, and medians keep one burst from deciding the result.
     """
-    ours, bound = zip(*((measure(), limit()) for _ in range(tries)), strict=True)
-    return max(ours), max(bound)
+    ours, bound = (
+        np.array(v) for v in zip(*((measure(), limit()) for _ in range(tries)), strict=True)
+    )
+    return float(np.median(ours)), float(np.median(bound)), float(np.median(ours / bound))
 
 
 def numpy_search(archive: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -117,7 +123,7 @@ def run_config(kind: str, n: int, bits: int, single_queries: int) -> list[dict]:
         bytes_per_item: float,
         tries: int = 5,
     ) -> None:
-        qps, limit = paired(measure, lambda: limits.measure(batch), tries)
+        qps, limit, ratio = paired(measure, lambda: limits.measure(batch), tries)
         records.append(
             {
                 "engine": engine,
@@ -128,7 +134,7 @@ def run_config(kind: str, n: int, bits: int, single_queries: int) -> list[dict]:
                 "qps": round(qps, 1),
                 "recall_at_20": recall,
                 "limit_qps": round(limit, 1),
-                "ratio": round(qps / limit, 3),
+                "ratio": round(ratio, 3),
                 "build_s": round(build_s, 2),
                 "bytes_per_item": bytes_per_item,
             }
@@ -222,7 +228,8 @@ def main() -> None:
         "# Search speed (k = 20, 1000 queries)\n\n"
         "Limit for batch 1: read bandwidth over a buffer the size of the codes ÷ bytes per query; "
         "for batches: in-cache XOR+popcount words/s on all cores (cache-line-aligned buffer) ÷ "
-        "words per query. Each figure and its limit are measured in turn, best of 5 each. "
+        "words per query. Each figure and its limit are measured in turn, 5 times; the table gives "
+        "the medians, and the ratio is the median of the 5 paired ratios. "
         f"Machine threads: {numba.get_num_threads()}; {machine()}.\n\n"
     )
     write_results("search", records, intro + markdown_table(header, rows))

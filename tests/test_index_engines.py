@@ -138,3 +138,13 @@ def test_kernel_two_pass_start_and_ranges_match_reference(warm, parts):
         ref_d, ref_pos = _reference(codes, queries, k)
         assert np.array_equal(d, ref_d)
         assert np.array_equal(found, ref_pos)
+
+
+def test_large_word_arrays_start_on_a_huge_page():
+    """An archive of 2 MiB or more gets huge-page-aligned words that survive their buffer."""
+    packed = np.random.default_rng(1).integers(0, 256, size=(300_000, 8), dtype=np.uint8)
+    words = to_words(packed)
+    assert words.ctypes.data % (1 << 21) == 0
+    assert np.array_equal(words.T.copy().view(np.uint8), packed)
+    words[0, :3] = 7  # writable
+    assert (words[0, :3] == 7).all()
