@@ -37,7 +37,9 @@ def _map20(trainer, store, split):
 
 @pytest.mark.slow
 def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, tmp_path):
-    meta, total = 30, 50
+    # 50 epochs after the detector's phase: over 20, the gap on the sum of both directions was
+    # 0.01-0.07 from run to run (training amplifies float noise); over 50 it was 0.10-0.14.
+    meta, total = 30, 80
     cfg = TrainConfig(
         features=str(ucm_features),
         method="chnr",
@@ -68,5 +70,5 @@ def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, t
         f"T→I {ours['t2i']:.3f}; unweighted I→T {base['i2t']:.3f} T→I {base['t2i']:.3f}; "
         f"detector AUC {auc:.3f}"
     )
-    assert ours["i2t"] + ours["t2i"] > base["i2t"] + base["t2i"] + 0.01, message
+    assert ours["i2t"] + ours["t2i"] > base["i2t"] + base["t2i"] + 0.03, message
     print(message)
