@@ -53,15 +53,16 @@ def test_k_larger_than_archive_pads_with_minus_one():
     assert (keys[:, 5:] == -1).all()
 
 
+@pytest.mark.parametrize("bits", [64, 192])
 @pytest.mark.parametrize("name", ["exact", "faiss-flat"])
-def test_range_search_matches_reference(name):
+def test_range_search_matches_reference(name, bits):
     rng = np.random.default_rng(3)
-    codes = _codes(rng, 4000, 64, clustered=True)
+    codes = _codes(rng, 4000, bits, clustered=True)
     queries = codes[:5]
-    engine = make_engine(name, 64)
+    engine = make_engine(name, bits)
     engine.add(codes, np.arange(len(codes), dtype=np.int64))
     d_all = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(-1)
-    for radius in (0, 6, 12):
+    for radius in (0, 6, 12, bits // 4):
         for q, (d, keys) in enumerate(engine.range_search(queries, radius)):
             expect = np.flatnonzero(d_all[q] <= radius)
             expect = expect[np.argsort(d_all[q, expect], kind="stable")]

@@ -59,14 +59,6 @@ def _at(j):
 
 
 @njit(inline="always")
-def _distance(words, queries, q, i):
-    d = np.uint64(0)
-    for w in range(words.shape[0]):
-        d += _popcount(words[w, _at(i)] ^ queries[q, w])
-    return np.int32(d)
-
-
-@njit(inline="always")
 def _distances(words, queries, q, start, stop, acc, nwords):
     """acc[j] = distance from query q to item start + j over the first `nwords` words."""
     q_head = queries[q, 0]
@@ -261,8 +253,10 @@ def range_counts(words, queries, radius):
         for start in range(0, n, BLOCK):
             stop = min(start + BLOCK, n)
             if _block_min(words, queries, q, start, stop, acc) <= radius:
-                for i in range(start, stop):
-                    c += _distance(words, queries, q, i) <= radius
+                _distances(words, queries, q, start, stop, acc, words.shape[0])
+                r = np.uint64(radius)
+                for j in range(stop - start):
+                    c += acc[j] <= r
         counts[q] = c
     return counts
 
@@ -278,11 +272,12 @@ def range_fill(words, queries, radius, offsets, out_d, out_i):
             stop = min(start + BLOCK, n)
             if _block_min(words, queries, q, start, stop, acc) > radius:
                 continue
-            for i in range(start, stop):
-                d = _distance(words, queries, q, i)
-                if d <= radius:
-                    out_d[at] = d
-                    out_i[at] = i
+            _distances(words, queries, q, start, stop, acc, words.shape[0])
+            r = np.uint64(radius)
+            for j in range(stop - start):
+                if acc[j] <= r:
+                    out_d[at] = acc[j]
+                    out_i[at] = start + j
                     at += 1
 
 

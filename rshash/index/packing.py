@@ -48,11 +48,10 @@ def aligned_empty(shape: tuple[int, ...], dtype: type = np.uint64) -> np.ndarray
     to 120-130 GB/s.
     """
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    align = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
-    raw = _huge_page_buffer(nbytes + align) if align == HUGE_PAGE else None
+    raw = _huge_page_buffer(nbytes + HUGE_PAGE) if nbytes >= HUGE_PAGE else None
+    align = ALIGN if raw is None else HUGE_PAGE
     if raw is None:
-        align = ALIGN
-        raw = np.empty(nbytes + align, np.uint8)
+        raw = np.empty(nbytes + ALIGN, np.uint8)
     skip = -raw.ctypes.data % align
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
