@@ -348,13 +348,51 @@ def index_remove(
     from rshash.index import Index
 
     idx = Index.open(index)
-    missing = [i for i in ids if not any(it["id"] == i for it in idx.collections["images"].items)]
-    if missing:
-        raise RshashError(f"{index}: no image with id {missing[0]!r}; nothing removed")
     removed = idx.remove(ids)
+    if removed < len(set(ids)):
+        idx.close()
+        missing = next(i for i in ids if not _has_image(idx, i))
+        raise RshashError(f"{index}: no image with id {missing!r}; nothing removed")
     idx.commit({"removed": ids})
     typer.echo(f"removed {removed} images")
     _echo_index(idx)
+
+
+def _has_image(index: Any, image_id: str) -> bool:
+    try:
+        index.item(image_id)
+    except RshashError:
+        return False
+    return True
+
+
+@index_app.command("compact")
+def index_compact(index: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
+    """Merge each collection's segments into one and drop removed items' codes."""
+    from rshash.index import Index
+
+    idx = Index.open(index)
+    dropped = idx.compact()
+    for name, n in dropped.items():
+        typer.echo(f"{name}: dropped {n} removed codes")
+    _echo_index(idx)
+
+
+@index_app.command("check")
+def index_check(index: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
+    """Check that every code has a record and vice versa and counts match the manifest."""
+    from rshash.index.maintenance import check_index
+
+    for name, counts in check_index(index).items():
+        typer.echo(f"{name}: ok, " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@index_app.command("upgrade")
+def index_upgrade(index: Annotated[Path, typer.Argument(help="rshash-index/1 directory.")]) -> None:
+    """Convert an rshash-index/1 directory to the current format, in place."""
+    from rshash.index.maintenance import upgrade_index
+
+    _echo_index(upgrade_index(index))
 
 
 @index_app.command("info")
@@ -367,11 +405,16 @@ def index_info(index: Annotated[Path, typer.Argument(help="Index directory.")]) 
 
 def _echo_index(index: Any) -> None:
     m = index.manifest
-    typer.echo(f"index {index.path}: {m['bits']}-bit codes, engine {m['engine']['name']}")
+    typer.echo(
+        f"index {index.path}: {m['bits']}-bit codes, engine {m['engine']['name']}, "
+        f"generation {m['generation']}"
+    )
     typer.echo(f"model: {m['model']['method']} from {m['model']['source_run']}")
     for name, info in m["collections"].items():
         report = ", ".join(f"{k} {v:.3f}" for k, v in info.get("report", {}).items())
-        typer.echo(f"  {name}: {info['count']} items" + (f" ({report})" if report else ""))
+        parts = f"{info['count']} items, {info['tombstones']} removed, "
+        parts += f"{len(info['segments'])} segments"
+        typer.echo(f"  {name}: {parts}" + (f" ({report})" if report else ""))
 
 
 @app.command()
@@ -386,6 +429,13 @@ def search(
     target: Annotated[str, typer.Option(help="Collection to search: images or captions.")] = (
         "images"
     ),
+    where: Annotated[
+        str | None,
+        typer.Option(help="Filter, e.g. 'class = \"river\" and year >= 2010' (see README)."),
+    ] = None,
+    bbox: Annotated[
+        str | None, typer.Option(help="Keep items whose bounds meet MINLON,MINLAT,MAXLON,MAXLAT.")
+    ] = None,
     as_json: AsJson = False,
     device: Device = "auto",
 ) -> None:
@@ -397,12 +447,13 @@ def search(
     _check_choice("--target", target, ("images", "captions"))
     if radius is None and k <= 0:
         raise RshashError(f"-k: expected a positive number of results, got {k}")
+    box = _bbox(bbox) if bbox is not None else None
     idx = Index.open(index, device=device)
     if image is not None:
-        hits = idx.search_image(image, k, target, radius)
+        hits = idx.search_image(image, k, target, radius, where=where, bbox=box)
     else:
         assert text is not None
-        hits = idx.search_text(text, k, target, radius)
+        hits = idx.search_text(text, k, target, radius, where=where, bbox=box)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
@@ -427,6 +478,12 @@ def serve(
     app_ = create_app(index, ServiceConfig(device=device))
     typer.echo(f"serving {index} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    from rshash.index.filters import check_bbox
+
+    return check_bbox(text.split(","))
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -118,10 +118,12 @@ def ucm_index(ucm_run: Path, ucm_features: Path, ucm_path: Path) -> Path:
 
 
 def _index_of(path: Path, run: Path) -> bool:
-    """Whether `path` holds an index built with `run`'s current model."""
+    """Whether `path` holds an index of the current format built with `run`'s current model."""
     from rshash.index.index import model_fingerprint
+    from rshash.index.store import FORMAT
 
     manifest = path / "index.json"
-    return manifest.exists() and json.loads(manifest.read_text())["model"][
-        "fingerprint"
-    ] == model_fingerprint(run)
+    if not manifest.exists():
+        return False
+    info = json.loads(manifest.read_text())
+    return info.get("format") == FORMAT and info["model"]["fingerprint"] == model_fingerprint(run)

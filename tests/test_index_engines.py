@@ -135,7 +135,8 @@ def test_kernel_two_pass_start_and_ranges_match_reference(warm, parts):
     keys = np.arange(len(codes), dtype=np.int64)
     words, q = to_words(codes), query_words(queries)
     for k in (1, 20, 300):
-        d, found = kernels.topk(words, keys, q, k, parts, 2, warm)
+        allowed = kernels.allowed_bits(np.ones(len(codes), bool))
+        d, found = kernels.topk(words, keys, q, k, parts, 2, allowed, warm)
         ref_d, ref_pos = _reference(codes, queries, k)
         assert np.array_equal(d, ref_d)
         assert np.array_equal(found, ref_pos)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from rshash.data.images import find_bad_images
+from rshash.data.images import find_bad_images, load_rgb
 from rshash.errors import DataError
 
 
@@ -29,6 +31,22 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image i as RGB (the image-source protocol the index build consumes)."""
+        return load_rgb(self.image_paths[i])
+
+    def image_record(self, i: int) -> dict[str, Any]:
+        """The index record of image i: id, path, captions, class (or None), dataset."""
+        return {
+            "id": self.image_ids[i],
+            "path": str(Path(self.image_paths[i]).resolve()),
+            "captions": list(self.captions[i]),
+            "class": self.class_names[self.labels[i]]
+            if self.labels is not None and self.class_names
+            else None,
+            "dataset": self.name,
+        }
 
     @property
     def has_captions(self) -> bool:

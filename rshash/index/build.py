@@ -1,9 +1,11 @@
 """Encode an archive into an index in one streamed pass: batched, with progress, resumable.
 
-Images go through the run's image encoder (plain view) and image hash network batch by batch;
-each finished batch of codes is saved in `INDEX.partial/`, so a killed build resumes at the first
-missing batch. Captions, when the archive has them, go through the text side the same way. Only
-when everything is encoded is the index committed (see `Index.commit`).
+The archive is any image source (`ImageSource`: `rshash.data.Dataset`, or the scene tiles of a
+GeoTIFF). Images go through the run's image encoder (plain view) and image hash network batch by
+batch, and each batch goes straight into the index with its records, so memory stays flat however
+large the archive. Each finished batch of codes is also saved in `INDEX.partial/`, so a killed
+build resumes at the first missing batch. Captions, when the archive has them, go through the
+text side the same way. Only when everything is encoded is the index committed (`Index.commit`).
 """
 
 from __future__ import annotations
@@ -11,23 +13,47 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from rshash.data.dataset import Dataset
-from rshash.data.images import load_rgb
 from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path, write_json_atomic
 from rshash.index.encoder import CodeEncoder
 from rshash.index.index import Index, model_fingerprint
 from rshash.index.packing import pack_codes
+
+T = TypeVar("T")
+
+
+class ImageSource(Protocol):
+    """What the build encodes: images with records, and zero or more captions each."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def source(self) -> Path: ...
+
+    @property
+    def image_ids(self) -> Sequence[str]: ...
+
+    @property
+    def captions(self) -> Sequence[Sequence[str]]: ...
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, i: int) -> Image.Image: ...
+
+    def image_record(self, i: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -40,56 +66,54 @@ class BuildConfig:
     device: str = "auto"
 
 
-def image_records(ds: Dataset, extra: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+def image_record(
+    ds: ImageSource, i: int, extra: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The source's record of image i, with the user's fields for it."""
+    rec = ds.image_record(i)
+    rec.update((extra or {}).get(rec["id"], {}))
+    return rec
+
+
+def image_records(ds: ImageSource, extra: dict[str, dict[str, Any]] | None = None) -> list[dict]:
     """One record per image: id, path, captions, class (when known), and any user fields."""
-    extra = extra or {}
-    records = []
-    for i, image_id in enumerate(ds.image_ids):
-        rec: dict[str, Any] = {
-            "id": image_id,
-            "path": str(Path(ds.image_paths[i]).resolve()),
-            "captions": list(ds.captions[i]),
-            "class": ds.class_names[ds.labels[i]]
-            if ds.labels is not None and ds.class_names
-            else None,
-            "dataset": ds.name,
-        }
-        rec.update(extra.get(image_id, {}))
-        records.append(rec)
-    return records
+    return [image_record(ds, i, extra) for i in range(len(ds))]
 
 
-def caption_records(ds: Dataset) -> list[dict]:
-    records = []
-    for i, image_id in enumerate(ds.image_ids):
-        cls = ds.class_names[ds.labels[i]] if ds.labels is not None and ds.class_names else None
-        for j, text in enumerate(ds.captions[i]):
-            records.append({"id": f"{image_id}#{j}", "image": image_id, "text": text, "class": cls})
-    return records
+def _caption_rows(ds: ImageSource) -> Iterator[dict[str, Any]]:
+    """Caption records in order, image by image."""
+    for i, caps in enumerate(ds.captions):
+        if not caps:
+            continue
+        image_id, cls = ds.image_ids[i], ds.image_record(i).get("class")
+        for j, text in enumerate(caps):
+            yield {"id": f"{image_id}#{j}", "image": image_id, "text": text, "class": cls}
 
 
-def _encode_chunked(
-    work: Path,
-    prefix: str,
-    n: int,
-    batch: int,
-    encode: Callable[[int, int], np.ndarray],
-    bar: tqdm,
-) -> np.ndarray:
-    """Encode rows [0, n) in batches saved as `work/PREFIX-b.npy`, reusing saved batches."""
-    parts = []
-    for b, start in enumerate(range(0, n, batch)):
-        stop = min(start + batch, n)
-        path = work / f"{prefix}-{b:06d}.npy"
-        if path.exists():
-            codes = np.load(path)
-        else:
-            codes = encode(start, stop)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, codes)
-        parts.append(codes)
-        bar.update(stop - start)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.uint8)
+def caption_records(ds: ImageSource) -> list[dict]:
+    return list(_caption_rows(ds))
+
+
+def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _saved(work: Path, prefix: str, b: int, encode: Callable[[], np.ndarray]) -> np.ndarray:
+    """Batch b's codes from `work/PREFIX-b.npy`, or encoded and saved there."""
+    path = work / f"{prefix}-{b:06d}.npy"
+    if path.exists():
+        return np.load(path)
+    codes = encode()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, codes)
+    return codes
 
 
 def _prepare_work(work: Path, key: str) -> None:
@@ -100,73 +124,59 @@ def _prepare_work(work: Path, key: str) -> None:
     write_json_atomic(job, {"key": key})
 
 
-def encode_archive(
-    encoder: CodeEncoder,
-    ds: Dataset,
+def _job_key(ds: ImageSource, cfg: BuildConfig, encoder: CodeEncoder, features: bool) -> str:
+    h = hashlib.sha256()
+    for image_id, caps in zip(ds.image_ids, ds.captions, strict=True):
+        h.update(json.dumps([image_id, list(caps)]).encode())
+    h.update(json.dumps([cfg.image_batch, cfg.text_batch, features]).encode())
+    h.update(model_fingerprint(encoder.run.path).encode())
+    return h.hexdigest()
+
+
+def stream_archive(
+    index: Index,
+    ds: ImageSource,
     work: Path,
     cfg: BuildConfig,
     store: FeatureStore | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Packed codes of every image and caption of `ds` (captions None when it has none).
+) -> None:
+    """Encode every image and caption of `ds` batch by batch into `index` (not committed).
 
     With `store`, features come from that feature store (same images, same encoders) instead of
-    being computed from the image files.
+    being computed from the images.
     """
-    blob = json.dumps(
-        [
-            list(ds.image_ids),
-            [list(c) for c in ds.captions],
-            cfg.image_batch,
-            cfg.text_batch,
-            model_fingerprint(encoder.run.path),
-            store is not None,
-        ]
-    )
-    _prepare_work(work, hashlib.sha256(blob.encode()).hexdigest())
-    texts = [t for caps in ds.captions for t in caps]
-    run = encoder.run
+    encoder, run = index.encoder, index.encoder.run
+    _prepare_work(work, _job_key(ds, cfg, encoder, store is not None))
+    n_texts = sum(len(c) for c in ds.captions)
 
-    def images_from_files(start: int, stop: int) -> np.ndarray:
+    def images(start: int, stop: int) -> np.ndarray:
+        if store is not None:
+            return pack_codes(run.encode_images(store.image["plain"][start:stop]))
         with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-            imgs = list(pool.map(load_rgb, ds.image_paths[start:stop]))
-        return encoder.encode_images(imgs)
+            return encoder.encode_images(list(pool.map(ds.load_image, range(start, stop))))
 
-    def images_from_store(start: int, stop: int) -> np.ndarray:
-        assert store is not None
-        return pack_codes(run.encode_images(store.image["plain"][start:stop]))
+    def texts(start: int, batch: list[dict[str, Any]]) -> np.ndarray:
+        if store is not None:
+            return pack_codes(run.encode_texts(store.text["plain"][start : start + len(batch)]))
+        return encoder.encode_texts([r["text"] for r in batch])
 
-    def captions_from_store(start: int, stop: int) -> np.ndarray:
-        assert store is not None
-        return pack_codes(run.encode_texts(store.text["plain"][start:stop]))
-
-    def captions_from_text(start: int, stop: int) -> np.ndarray:
-        return encoder.encode_texts(texts[start:stop])
-
-    total = len(ds) + len(texts)
-    with tqdm(total=total, desc="index", unit="item", disable=not progress) as bar:
-        image_codes = _encode_chunked(
-            work,
-            "images",
-            len(ds),
-            cfg.image_batch,
-            images_from_store if store is not None else images_from_files,
-            bar,
-        )
-        caption_codes = None
-        if texts:
-            caption_codes = _encode_chunked(
-                work,
-                "captions",
-                len(texts),
-                cfg.text_batch,
-                captions_from_store if store is not None else captions_from_text,
-                bar,
-            )
-    return image_codes, caption_codes
+    with tqdm(total=len(ds) + n_texts, desc="index", unit="item", disable=not progress) as bar:
+        for b, start in enumerate(range(0, len(ds), cfg.image_batch)):
+            stop = min(start + cfg.image_batch, len(ds))
+            codes = _saved(work, "images", b, partial(images, start, stop))
+            index.add("images", codes, [image_record(ds, i, extra) for i in range(start, stop)])
+            bar.update(stop - start)
+        start = 0
+        for b, batch in enumerate(_batches(_caption_rows(ds), cfg.text_batch)):
+            codes = _saved(work, "captions", b, partial(texts, start, batch))
+            index.add("captions", codes, batch)
+            start += len(batch)
+            bar.update(len(batch))
 
 
-def _matching_store(features: str | Path, ds: Dataset, encoder: CodeEncoder) -> FeatureStore:
+def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder) -> FeatureStore:
     store = FeatureStore.open(features)
     encoder.run.check_features(store)
     if tuple(store.image_ids) != tuple(ds.image_ids):
@@ -176,7 +186,7 @@ def _matching_store(features: str | Path, ds: Dataset, encoder: CodeEncoder) -> 
 
 def _add_archive(
     index: Index,
-    ds: Dataset,
+    ds: ImageSource,
     cfg: BuildConfig,
     work: Path,
     features: str | Path | None,
@@ -184,18 +194,18 @@ def _add_archive(
     progress: bool,
 ) -> int:
     store = _matching_store(features, ds, index.encoder) if features else None
-    image_codes, caption_codes = encode_archive(index.encoder, ds, work, cfg, store, progress)
-    index.add("images", image_codes, image_records(ds, extra))
-    if caption_codes is not None:
-        index.add("captions", caption_codes, caption_records(ds))
-    index.commit({"dataset": ds.name, "path": str(ds.source), "images": len(ds)})
+    try:
+        stream_archive(index, ds, work, cfg, store, extra, progress)
+        index.commit({"dataset": ds.name, "path": str(ds.source), "images": len(ds)})
+    finally:
+        index.close()
     shutil.rmtree(work, ignore_errors=True)
     return len(ds)
 
 
 def build_index(
     run_dir: str | Path,
-    ds: Dataset,
+    ds: ImageSource,
     out: str | Path,
     cfg: BuildConfig | None = None,
     features: str | Path | None = None,
@@ -212,7 +222,7 @@ def build_index(
 
 def add_to_index(
     index_path: str | Path,
-    ds: Dataset,
+    ds: ImageSource,
     cfg: BuildConfig | None = None,
     features: str | Path | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
@@ -221,10 +231,6 @@ def add_to_index(
     """Encode `ds` with the index's own model and add it; returns the index and images added."""
     cfg = cfg or BuildConfig()
     index = Index.open(index_path, device=cfg.device)
-    held = {it["id"] for it in index.collections["images"].items} if len(index) else set()
-    clash = next((i for i in ds.image_ids if i in held), None)
-    if clash is not None:
-        raise RshashError(f"{ds.source}: image id {clash!r} is already in {index_path}")
     work = Path(index_path).with_name(Path(index_path).name + ".partial")
     return index, _add_archive(index, ds, cfg, work, features, extra, progress)
 

@@ -1,14 +1,19 @@
 """Search engines over packed binary codes, behind one interface (like FAISS's `Index`).
 
-Every engine holds (packed code, key) pairs, keys being int64 item keys chosen by the caller,
-and answers top-k and range queries by Hamming distance:
+Every engine holds (packed code, key) pairs, keys being int64 item keys chosen by the caller
+(increasing as items are added), and answers top-k and range queries by Hamming distance, each
+optionally restricted to `allowed` keys (a sorted int64 array: a filter's matches):
 
 - `exact`: our compiled XOR + popcount scan (see `kernels`); the default. It returns exactly the
   brute-force answer, ties broken by insertion order, and beats FAISS's exact scan (see
   `benchmarks/results/search.md`).
-- `faiss-flat`: FAISS `IndexBinaryFlat`, exact, for comparison and as a reference.
+- `faiss-flat`: FAISS `IndexBinaryFlat`, exact, for comparison and as a reference; filters go
+  in as an `IDSelectorBatch`.
 - `faiss-ivf`: FAISS `IndexBinaryIVF`, approximate, for large archives; its recall@k against
-  exact search is measured when it is built.
+  exact search is measured when it is built. FAISS has no selectors for binary IVF, so a filtered
+  query is answered exactly over the matching codes.
+
+Codes are `code_bytes(bits)` bytes: any length from 8 to 1024 bits, zero-padded to whole words.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 
 from rshash.errors import RshashError
 from rshash.index import kernels
-from rshash.index.packing import query_words, to_words
+from rshash.index.packing import aligned_empty, check_bits, code_bytes, query_words
 
 Hits = tuple[np.ndarray, np.ndarray]  # (distances int32, keys int64)
 
@@ -34,9 +39,8 @@ class Engine(ABC):
     name: ClassVar[str]
 
     def __init__(self, bits: int) -> None:
-        if bits <= 0 or bits % 64:
-            raise RshashError(f"code length must be a positive multiple of 64 bits, got {bits}")
-        self.bits = bits
+        self.bits = check_bits(bits)
+        self.width = code_bytes(bits)
 
     @property
     @abstractmethod
@@ -51,12 +55,21 @@ class Engine(ABC):
         """Drop the items with these keys; returns how many were held."""
 
     @abstractmethod
-    def search(self, queries: np.ndarray, k: int) -> Hits:
-        """(q, k) distances and keys, nearest first; rows padded with key -1 past the archive."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Hits:
+        """(q, k) distances and keys, nearest first; rows padded with key -1 past the archive.
+
+        With `allowed` (sorted keys), only those items are candidates.
+        """
 
     @abstractmethod
-    def range_search(self, queries: np.ndarray, radius: int) -> list[Hits]:
-        """Per query, every item within Hamming `radius`, nearest first."""
+    def range_search(
+        self, queries: np.ndarray, radius: int, allowed: np.ndarray | None = None
+    ) -> list[Hits]:
+        """Per query, every (allowed) item within Hamming `radius`, nearest first."""
+
+    @abstractmethod
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """Packed codes and keys of every item held, in key order."""
 
     def build(self, packed: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
         """Fill an empty engine (approximate engines train here); returns a build report."""
@@ -75,9 +88,9 @@ class Engine(ABC):
 
     def _check(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, np.uint8)
-        if queries.ndim != 2 or queries.shape[1] * 8 != self.bits:
+        if queries.ndim != 2 or queries.shape[1] != self.width:
             raise RshashError(
-                f"query codes must be (q, {self.bits // 8}) packed bytes, got {queries.shape}"
+                f"query codes must be (q, {self.width}) packed bytes, got {queries.shape}"
             )
         return queries
 
@@ -91,8 +104,9 @@ def _order(d: np.ndarray, keys: np.ndarray) -> Hits:
 class ExactEngine(Engine):
     """Exact scan with the compiled kernel; codes kept word-major in memory.
 
-    Kernel calls are serialised: numba's parallel runtime is not re-entrant across threads, and
-    one call already uses every core.
+    Removed items stay in the words with their bit cleared in `alive` (tombstones); compaction
+    (a new engine over the live codes) drops them. Kernel calls are serialised: numba's parallel
+    runtime is not re-entrant across threads, and one call already uses every core.
     """
 
     name = "exact"
@@ -100,72 +114,146 @@ class ExactEngine(Engine):
     def __init__(self, bits: int) -> None:
         super().__init__(bits)
         self._lock = threading.Lock()
-        self._packed = np.zeros((0, bits // 8), np.uint8)
         self._keys = np.zeros(0, np.int64)
-        self._words = to_words(self._packed)
+        self._words = aligned_empty((self.width // 8, 0))
+        self._alive = np.zeros(0, bool)
+        self._bits = kernels.allowed_bits(self._alive)
+        self._filter: tuple[np.ndarray | None, np.ndarray] = (None, self._bits)
 
     @property
     def ntotal(self) -> int:
-        return len(self._keys)
-
-    def _set(self, packed: np.ndarray, keys: np.ndarray) -> None:
-        self._packed, self._keys = packed, keys
-        self._words = to_words(packed)
+        return int(self._alive.sum())
 
     def add(self, packed: np.ndarray, keys: np.ndarray) -> None:
         packed = self._check(packed)
-        self._set(np.concatenate([self._packed, packed]), np.concatenate([self._keys, keys]))
+        n, m = len(self._keys), len(packed)
+        words = aligned_empty((self.width // 8, n + m))
+        words[:, :n] = self._words
+        words[:, n:] = packed.view(np.uint64).T
+        keys = np.concatenate([self._keys, np.asarray(keys, np.int64)])
+        alive = np.concatenate([self._alive, np.ones(m, bool)])
+        with self._lock:
+            self._words, self._keys = words, keys
+            self._set_alive(alive)
+
+    def _set_alive(self, alive: np.ndarray) -> None:
+        self._alive = alive
+        self._bits = kernels.allowed_bits(alive)
+        self._filter = (None, self._bits)
 
     def remove(self, keys: np.ndarray) -> int:
-        keep = ~np.isin(self._keys, keys)
-        self._set(self._packed[keep], self._keys[keep])
-        return int((~keep).sum())
+        pos = self._positions(np.asarray(keys, np.int64))
+        pos = pos[self._alive[pos]]
+        if not len(pos):
+            return 0
+        alive = self._alive.copy()
+        alive[pos] = False
+        with self._lock:
+            self._set_alive(alive)
+        return len(pos)
 
-    def search(self, queries: np.ndarray, k: int) -> Hits:
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        """Positions of those `keys` that are held (tombstoned or not)."""
+        pos = np.searchsorted(self._keys, keys)
+        held = pos < len(self._keys)
+        pos, keys = pos[held], keys[held]
+        return pos[self._keys[pos] == keys]
+
+    def _allowed(self, allowed: np.ndarray | None) -> np.ndarray:
+        """Bit set of the live items among `allowed` keys (cached for the last filter)."""
+        if allowed is None:
+            return self._bits
+        last, bits = self._filter
+        if last is allowed:
+            return bits
+        mask = np.zeros(len(self._keys), bool)
+        mask[self._positions(allowed)] = True
+        bits = kernels.allowed_bits(mask & self._alive)
+        self._filter = (allowed, bits)
+        return bits
+
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        words = self._words[:, self._alive]
+        return np.ascontiguousarray(words.T).view(np.uint8), self._keys[self._alive]
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Hits:
         q = query_words(self._check(queries))
         threads = numba.get_num_threads()
         parts = 1 if len(q) >= threads else threads
         with self._lock:
-            return kernels.topk(self._words, self._keys, q, k, parts, threads)
+            bits = self._allowed(allowed)
+            return kernels.topk(self._words, self._keys, q, k, parts, threads, bits)
 
-    def range_search(self, queries: np.ndarray, radius: int) -> list[Hits]:
+    def range_search(
+        self, queries: np.ndarray, radius: int, allowed: np.ndarray | None = None
+    ) -> list[Hits]:
         q = query_words(self._check(queries))
         with self._lock:
-            counts = kernels.range_counts(self._words, q, radius)
+            bits = self._allowed(allowed)
+            counts = kernels.range_counts(self._words, q, radius, bits)
             offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
             dist = np.empty(offsets[-1], np.int32)
             pos = np.empty(offsets[-1], np.int64)
-            kernels.range_fill(self._words, q, radius, offsets, dist, pos)
+            kernels.range_fill(self._words, q, radius, offsets, dist, pos, bits)
         return [_order(dist[a:b], self._keys[pos[a:b]]) for a, b in pairwise(offsets)]
 
 
 class _FaissEngine(Engine):
-    """Shared FAISS plumbing: an ID-mapped binary index."""
+    """Shared FAISS plumbing: an ID-mapped binary index, and the codes it holds by key."""
 
     def __init__(self, bits: int) -> None:
         super().__init__(bits)
         self.index: Any = None
+        self._packed = np.zeros((0, self.width), np.uint8)
+        self._keys = np.zeros(0, np.int64)
 
     @property
     def ntotal(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
 
+    def _hold(self, packed: np.ndarray, keys: np.ndarray) -> None:
+        self._packed = np.concatenate([self._packed, packed])
+        self._keys = np.concatenate([self._keys, np.asarray(keys, np.int64)])
+
     def add(self, packed: np.ndarray, keys: np.ndarray) -> None:
-        self.index.add_with_ids(self._check(packed), np.asarray(keys, np.int64))
+        packed = self._check(packed)
+        self.index.add_with_ids(packed, np.asarray(keys, np.int64))
+        self._hold(packed, keys)
 
     def remove(self, keys: np.ndarray) -> int:
+        keep = ~np.isin(self._keys, keys)
+        self._packed, self._keys = self._packed[keep], self._keys[keep]
         return int(self.index.remove_ids(np.asarray(keys, np.int64)))
 
-    def search(self, queries: np.ndarray, k: int) -> Hits:
-        dist, keys = self.index.search(self._check(queries), k)
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._packed, self._keys
+
+    def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[Any, Any]:
+        """FAISS search restricted to `allowed` keys."""
+        import faiss
+
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))  # type: ignore[call-arg]
+        return self.index.search(queries, k, params=params)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Hits:
+        queries = self._check(queries)
+        if allowed is None:
+            dist, keys = self.index.search(queries, k)
+        else:
+            dist, keys = self._search(queries, k, np.asarray(allowed, np.int64))
         dist = np.where(keys >= 0, dist, kernels.FAR)
         rows = [_order(d, i) for d, i in zip(dist, keys, strict=True)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
-    def range_search(self, queries: np.ndarray, radius: int) -> list[Hits]:
+    def range_search(
+        self, queries: np.ndarray, radius: int, allowed: np.ndarray | None = None
+    ) -> list[Hits]:
         # FAISS keeps distances strictly below the threshold.
         lims, dist, keys = self.index.range_search(self._check(queries), radius + 1)
-        return [_order(dist[a:b], keys[a:b]) for a, b in pairwise(lims)]
+        found = [(dist[a:b], keys[a:b]) for a, b in pairwise(lims)]
+        if allowed is not None:
+            found = [(d[np.isin(i, allowed)], i[np.isin(i, allowed)]) for d, i in found]
+        return [_order(d, i) for d, i in found]
 
     def state(self) -> bytes | None:
         import faiss
@@ -178,6 +266,7 @@ class _FaissEngine(Engine):
         if state is None:
             raise RshashError(f"{self.name} engine: no saved state to restore")
         self.index = faiss.deserialize_index_binary(np.frombuffer(state, np.uint8))
+        self._hold(self._check(packed), keys)
 
 
 class FaissFlatEngine(_FaissEngine):
@@ -187,7 +276,7 @@ class FaissFlatEngine(_FaissEngine):
         import faiss
 
         super().__init__(bits)
-        self.index = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(bits))
+        self.index = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(self.width * 8))
 
     def state(self) -> bytes | None:
         return None
@@ -217,8 +306,8 @@ class FaissIVFEngine(_FaissEngine):
         n = len(packed)
         if self.nlist is None:
             self.nlist = int(max(1, min(4 * np.sqrt(n), n // 39, 1024)))
-        quantizer = faiss.IndexBinaryFlat(self.bits)
-        self.index = faiss.IndexBinaryIVF(quantizer, self.bits, self.nlist)
+        quantizer = faiss.IndexBinaryFlat(self.width * 8)
+        self.index = faiss.IndexBinaryIVF(quantizer, self.width * 8, self.nlist)
         self._quantizer = quantizer  # FAISS does not own it: keep it alive with the index
         sample = np.random.default_rng(0).permutation(n)[: self.train_per_list * self.nlist]
         self.index.train(packed[np.sort(sample)])
@@ -234,6 +323,16 @@ class FaissIVFEngine(_FaissEngine):
     def restore(self, state: bytes | None, packed: np.ndarray, keys: np.ndarray) -> None:
         super().restore(state, packed, keys)
         self.index.nprobe = self.nprobe
+
+    def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[Any, Any]:
+        """Exact search over the allowed codes: FAISS has no selectors for binary IVF."""
+        import faiss
+
+        pick = np.isin(self._keys, allowed)
+        flat = faiss.IndexBinaryFlat(self.width * 8)
+        flat.add(self._packed[pick])
+        dist, pos = flat.search(queries, k)
+        return dist, np.where(pos >= 0, self._keys[pick][np.maximum(pos, 0)], -1)
 
 
 def recall_at(found_d: np.ndarray, exact_d: np.ndarray, k: int) -> float:

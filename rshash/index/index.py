@@ -1,26 +1,35 @@
-"""An index directory: packed codes, item records and the model that made them.
+"""An index directory (`rshash-index/2`): code segments, item records, the model that made them.
 
-Layout of INDEX/:
+Layout of INDEX/ (see `store` for the file formats):
 
-- `index.json`: manifest (format, bits, engine, model fingerprint, collections, generation);
+- `index.json`: manifest (format, bits, engine, model fingerprint, generation, per collection its
+  segments, live count, tombstones and next key);
 - `model/`: a copy of the run (`model.pt`, `config.json`, `split.json`), so queries are always
   encoded by the model that encoded the archive;
-- per collection (`images`, and `captions` when the archive has them), per generation `g`:
-  `NAME.codes.g.npy` (n, K/8) uint8, `NAME.keys.g.npy` int64, `NAME.items.g.jsonl`, and for
-  trained engines `NAME.engine.g.bin`.
+- `records.db`: every item's record (SQLite), with the generations that added and removed it;
+- `seg-<collection>-<generation>.bin`: the codes each commit added (append-only);
+- `engine-<collection>-<generation>.bin`: trained engine state (faiss-ivf only).
 
-A commit writes the next generation's files, then atomically replaces `index.json`, then deletes
-the previous generation: a crash at any point leaves a readable index, old or new.
+A change (add, remove) takes the writer lock, writes the new codes to the next generation's
+segment and the records into one SQLite transaction, then `commit()` syncs the segment, commits
+the transaction and atomically replaces `index.json`. Readers load the manifest's generation
+only (rows added later are invisible to them, rows removed later still visible), so they see the
+old or the new state, never a mix; `refresh()` moves them to the newest. A writer that dies
+leaves rows and files of a generation no manifest names: the next writer deletes them first.
+Removed items stay in their segments as tombstones (a mask during search) until `compact()`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
+import sqlite3
+import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +37,21 @@ import numpy as np
 from PIL import Image
 
 from rshash.errors import RshashError
-from rshash.fileio import atomic_path, write_json_atomic
+from rshash.fileio import write_json_atomic
+from rshash.index import store
 from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.engines import Engine, Hits, make_engine
+from rshash.index.filters import check_bbox, compile_where
+from rshash.index.packing import code_bytes, pad_packed
+from rshash.index.store import COLLECTIONS, FORMAT, MANIFEST, coll_code, live_sql
 from rshash.reproducibility import provenance
 from rshash.training.run import MODEL, HashRun
 
-FORMAT = "rshash-index/1"
-MANIFEST = "index.json"
-COLLECTIONS = ("images", "captions")
 MAX_K = 10_000
+COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
+MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
+FILTER_CACHE = 16  # filters whose matching keys are kept, per index
+OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
 
 
 def model_fingerprint(run_dir: Path) -> str:
@@ -61,63 +75,43 @@ class Hit:
 
 
 class Collection:
-    """The items of one kind (images or captions): records, keys, and an engine over codes."""
+    """The items of one kind (images or captions) at one generation: an engine over codes."""
 
-    def __init__(self, name: str, engine: Engine) -> None:
+    def __init__(self, name: str, engine: Engine, report: dict[str, Any] | None = None) -> None:
         self.name = name
         self.engine = engine
-        self.codes = np.zeros((0, engine.bits // 8), np.uint8)
-        self.keys = np.zeros(0, np.int64)
-        self.items: list[dict[str, Any]] = []
-        self.next_key = 0
-        self.report: dict[str, Any] = {}
+        self.report = report or {}
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self.engine.ntotal
 
-    def record(self, key: int) -> dict[str, Any]:
-        return self.items[int(np.searchsorted(self.keys, key))]
+    @property
+    def codes(self) -> np.ndarray:
+        """Packed codes of the live items, in key order."""
+        return self.engine.live()[0]
 
-    def add(
-        self, codes: np.ndarray, items: list[dict[str, Any]], first_key: int | None = None
-    ) -> np.ndarray:
-        if first_key is not None and first_key < self.next_key:
-            raise RshashError(f"{self.name}: first key {first_key} is below {self.next_key}")
-        if first_key is not None:
-            self.next_key = first_key
-        if len(codes) != len(items):
-            raise RshashError(f"{len(codes)} codes but {len(items)} item records")
-        held = {str(it["id"]) for it in self.items}
-        clash = next((str(it["id"]) for it in items if str(it["id"]) in held), None)
-        if clash is not None:
-            raise RshashError(f"{self.name}: item id {clash!r} is already in the index")
-        keys = np.arange(self.next_key, self.next_key + len(items), dtype=np.int64)
-        if len(self) == 0 and self.engine.ntotal == 0:
-            self.report = self.engine.build(codes, keys)
-        else:
-            self.engine.add(codes, keys)
-        self.codes = np.concatenate([self.codes, codes])
-        self.keys = np.concatenate([self.keys, keys])
-        self.items.extend(items)
-        self.next_key += len(items)
-        return keys
+    @property
+    def keys(self) -> np.ndarray:
+        return self.engine.live()[1]
 
-    def remove(self, drop: np.ndarray) -> int:
-        """Remove items where the boolean mask `drop` is set."""
-        if not drop.any():
-            return 0
-        self.engine.remove(self.keys[drop])
-        keep = ~drop
-        self.codes, self.keys = self.codes[keep], self.keys[keep]
-        self.items = [it for it, k in zip(self.items, keep, strict=True) if k]
-        return int(drop.sum())
 
-    def hits(self, found: Hits) -> list[Hit]:
-        return [
-            Hit(int(key), int(d), self.record(int(key)))
-            for d, key in zip(*found, strict=True)
-            if key >= 0
-        ]
+@dataclass
+class _State:
+    """What readers see: one generation's manifest and collections."""
+
+    manifest: dict[str, Any]
+    collections: dict[str, Collection] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A writer's uncommitted changes: next generation, open segments, next keys."""
+
+    gen: int
+    next_key: dict[str, int]
+    segments: dict[str, store.SegmentWriter] = field(default_factory=dict)
+    removed: bool = False
+    reserved: bool = False
 
 
 class Searcher(ABC):
@@ -127,16 +121,35 @@ class Searcher(ABC):
 
     @abstractmethod
     def search_codes(
-        self, codes: np.ndarray, k: int = 20, collection: str = "images", radius: int | None = None
+        self,
+        codes: np.ndarray,
+        k: int = 20,
+        collection: str = "images",
+        radius: int | None = None,
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
     ) -> list[list[Hit]]:
-        """Nearest items to each packed query code: top-k, or all within `radius` if given."""
+        """Nearest items to each packed query code: top-k, or all within `radius` if given.
+
+        `where` (see `filters`) and `bbox` (minlon, minlat, maxlon, maxlat) restrict the
+        candidates; the result is still exact among the matching items.
+        """
 
     def search_text(
-        self, query: str, k: int = 20, collection: str = "images", radius: int | None = None
+        self,
+        query: str,
+        k: int = 20,
+        collection: str = "images",
+        radius: int | None = None,
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
     ) -> list[Hit]:
         if not query.strip():
             raise RshashError("empty text query")
-        return self.search_codes(self.encoder.encode_texts([query]), k, collection, radius)[0]
+        codes = self.encoder.encode_texts([query])
+        return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
 
     def search_image(
         self,
@@ -144,6 +157,9 @@ class Searcher(ABC):
         k: int = 20,
         collection: str = "images",
         radius: int | None = None,
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
     ) -> list[Hit]:
         if isinstance(image, str | Path):
             path = Path(image)
@@ -152,7 +168,8 @@ class Searcher(ABC):
             image = decode_image(path.read_bytes(), str(path))
         elif isinstance(image, bytes):
             image = decode_image(image)
-        return self.search_codes(self.encoder.encode_images([image]), k, collection, radius)[0]
+        codes = self.encoder.encode_images([image])
+        return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
 
 
 def check_query(k: int, radius: int | None) -> None:
@@ -169,11 +186,27 @@ class Index(Searcher):
         self, path: Path, manifest: dict[str, Any], run: HashRun, device: str = "auto"
     ) -> None:
         self.path = path
-        self.manifest = manifest
         self.run = run
         self.encoder = CodeEncoder(run, device)
-        self.collections: dict[str, Collection] = {}
-        self.model_source: Path | None = None
+        self._state = _State(manifest)
+        self._lock = store.WriteLock(path)
+        self._local = threading.local()
+        self._pending: _Pending | None = None
+        self._filters: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+
+    # --- what readers see -----------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._state.manifest
+
+    @property
+    def collections(self) -> dict[str, Collection]:
+        return self._state.collections
+
+    @property
+    def generation(self) -> int:
+        return int(self._state.manifest["generation"])
 
     @property
     def bits(self) -> int:
@@ -182,6 +215,13 @@ class Index(Searcher):
     @property
     def fingerprint(self) -> str:
         return str(self.manifest["model"]["fingerprint"])
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection to the records (SQLite connections are not shared)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = store.connect(self.path)
+        return db
 
     # --- creating and opening -------------------------------------------------------------
 
@@ -194,7 +234,7 @@ class Index(Searcher):
         engine_params: dict[str, Any] | None = None,
         device: str = "auto",
     ) -> Index:
-        """A new, empty index in memory for `run_dir`'s model; `commit()` writes it."""
+        """A new, empty index for `run_dir`'s model; holds the writer lock until `commit()`."""
         path, run_dir = Path(path), Path(run_dir)
         if (path / MANIFEST).exists():
             raise RshashError(f"{path}: an index already exists here (use `rshash index add`)")
@@ -203,7 +243,9 @@ class Index(Searcher):
         manifest = {
             "format": FORMAT,
             "generation": 0,
+            "compacted": 0,
             "bits": run.bits,
+            "code_bytes": code_bytes(run.bits),
             "engine": {"name": engine, "params": engine_params or {}},
             "model": {
                 "fingerprint": model_fingerprint(run_dir),
@@ -215,8 +257,26 @@ class Index(Searcher):
             "collections": {},
             "sources": [],
         }
+        path.mkdir(parents=True, exist_ok=True)
         index = cls(path, manifest, run, device)
-        index.model_source = run_dir
+        index._lock.acquire()
+        if (path / MANIFEST).exists():
+            index._lock.release()
+            raise RshashError(f"{path}: an index already exists here (use `rshash index add`)")
+        for stale in [*path.glob(f"{store.RECORDS}*"), *path.glob("seg-*"), *path.glob("engine-*")]:
+            stale.unlink()  # left by a create that died before its first commit
+        store.init_db(index._db())
+        model_dir = path / "model"
+        if not (model_dir / MODEL).exists():
+            tmp = path / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name in (MODEL, "config.json", "split.json"):
+                shutil.copy2(run_dir / name, tmp / name)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            tmp.rename(model_dir)
+        index.run = HashRun.open(model_dir)
+        index.encoder = CodeEncoder(index.run, device)
         return index
 
     @classmethod
@@ -225,15 +285,7 @@ class Index(Searcher):
     ) -> Index:
         """Open an index; with `expect_model` (a run directory), refuse one built by another."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise RshashError(f"{path}: not an rshash index (no {MANIFEST})")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RshashError(f"{manifest_path}: not valid JSON ({exc})") from None
-        if manifest.get("format") != FORMAT:
-            raise RshashError(f"{manifest_path}: format {manifest.get('format')!r}, not {FORMAT}")
+        manifest = store.read_manifest(path)
         if expect_model is not None:
             other = model_fingerprint(Path(expect_model))
             if other != manifest["model"]["fingerprint"]:
@@ -242,25 +294,136 @@ class Index(Searcher):
                     f", not with {expect_model}; rebuild it or use that model"
                 )
         index = cls(path, manifest, HashRun.open(path / "model"), device)
-        gen = manifest["generation"]
-        for name, info in manifest["collections"].items():
-            col = Collection(name, index._engine())
-            col.codes = np.load(path / f"{name}.codes.{gen}.npy")
-            col.keys = np.load(path / f"{name}.keys.{gen}.npy")
-            with open(path / f"{name}.items.{gen}.jsonl", encoding="utf-8") as f:
-                col.items = [json.loads(line) for line in f]
-            col.next_key, col.report = info["next_key"], info.get("report", {})
-            state_file = path / f"{name}.engine.{gen}.bin"
-            state = state_file.read_bytes() if state_file.exists() else None
-            col.engine.restore(state, col.codes, col.keys)
-            index.collections[name] = col
+        index._state = index._load_newest(manifest)
         return index
 
     def _engine(self) -> Engine:
         spec = self.manifest["engine"]
         return make_engine(spec["name"], self.bits, spec["params"])
 
+    def _load_newest(self, manifest: dict[str, Any]) -> _State:
+        """The state of `manifest`, or of a newer one if compaction removed its files."""
+        for _ in range(OPEN_TRIES):
+            try:
+                return self._load(manifest)
+            except FileNotFoundError:
+                manifest = store.read_manifest(self.path)
+        return self._load(manifest)
+
+    def _load(self, manifest: dict[str, Any]) -> _State:
+        """Codes of every segment of `manifest`'s generation, less its tombstones."""
+        state = _State(manifest)
+        width = code_bytes(manifest["bits"])
+        for name, info in manifest["collections"].items():
+            total = sum(s["count"] for s in info["segments"])
+            packed = np.empty((total, width), np.uint8)
+            keys = np.empty(total, np.int64)
+            at = 0
+            for seg in info["segments"]:
+                rows = store.read_segment(self.path / seg["file"], width, seg["count"])
+                packed[at : at + len(rows)] = rows["code"]
+                keys[at : at + len(rows)] = rows["key"]
+                at += len(rows)
+                del rows
+            engine = self._engine()
+            blob = info.get("state")
+            engine.restore((self.path / blob).read_bytes() if blob else None, packed, keys)
+            del packed
+            engine.remove(self._tombstones(name, manifest))
+            state.collections[name] = Collection(name, engine, info.get("report", {}))
+        return state
+
+    def _tombstones(self, collection: str, manifest: dict[str, Any]) -> np.ndarray:
+        """Keys removed after the last compaction and up to the manifest's generation."""
+        rows = self._db().execute(
+            "SELECT rid >> 1 FROM items WHERE gen_removed > ? AND gen_removed <= ? AND rid % 2 = ?",
+            (manifest.get("compacted", 0), manifest["generation"], coll_code(collection)),
+        )
+        return np.sort(np.fromiter((r[0] for r in rows), np.int64))
+
+    def refresh(self) -> bool:
+        """Switch to the newest committed generation if another process made one.
+
+        Searches already running finish on the state they started with.
+        """
+        if self._pending is not None:
+            return False
+        manifest = store.read_manifest(self.path)
+        if manifest["generation"] == self.generation:
+            return False
+        self._state = self._load_newest(manifest)
+        self._filters.clear()
+        return True
+
+    def close(self) -> None:
+        """Drop uncommitted changes, release the writer lock, close this thread's connection."""
+        if self._pending is not None:
+            self._abort()
+        self._lock.release()
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
     # --- changing --------------------------------------------------------------------------
+
+    def _begin(self) -> _Pending:
+        """Take the writer lock, catch up with the newest generation, start a transaction."""
+        if self._pending is not None:
+            return self._pending
+        self._lock.acquire()
+        if (self.path / MANIFEST).exists():
+            newest = store.read_manifest(self.path)
+            if newest["generation"] != self.generation:
+                self._state = self._load(newest)
+                self._filters.clear()
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        self._recover(db)
+        info = self.manifest["collections"]
+        self._pending = _Pending(
+            gen=self.generation + 1,
+            next_key={c: info[c]["next_key"] if c in info else 0 for c in COLLECTIONS},
+        )
+        return self._pending
+
+    def _recover(self, db: sqlite3.Connection) -> None:
+        """Undo what a writer that died left past the manifest; drop compacted rows."""
+        gen, info = self.generation, self.manifest["collections"]
+        for c, name in enumerate(COLLECTIONS):
+            first = 2 * (info[name]["next_key"] if name in info else 0)
+            where = f"rid >= {first} AND rid % 2 = {c}"
+            db.execute(f"DELETE FROM bounds WHERE rid >= {first} AND rid % 2 = {c}")
+            db.execute(f"DELETE FROM items WHERE {where}")
+        db.execute("UPDATE items SET gen_removed = NULL WHERE gen_removed > ?", (gen,))
+        self._drop_compacted(db)
+        self._sweep(self.manifest)
+
+    def _drop_compacted(self, db: sqlite3.Connection) -> None:
+        done = self.manifest.get("compacted", 0)
+        db.execute(
+            "DELETE FROM bounds WHERE rid IN (SELECT rid FROM items WHERE gen_removed <= ?)",
+            (done,),
+        )
+        db.execute("DELETE FROM items WHERE gen_removed <= ?", (done,))
+
+    def _sweep(self, manifest: dict[str, Any]) -> None:
+        """Delete segment and engine files that `manifest` does not name."""
+        keep = {s["file"] for info in manifest["collections"].values() for s in info["segments"]}
+        keep |= {info["state"] for info in manifest["collections"].values() if info.get("state")}
+        for f in [*self.path.glob("seg-*"), *self.path.glob("engine-*")]:
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+    def _abort(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            for seg in pending.segments.values():
+                seg.discard()
+            db = self._db()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        self._lock.release()
 
     def add(
         self,
@@ -272,101 +435,373 @@ class Index(Searcher):
         """Add packed codes with their records (each with a unique "id"); returns their keys.
 
         Keys count up from `first_key` (default: after the last key); shards of one archive use
-        it to keep keys global, which is also the order ties are broken in.
+        it to keep keys global, which is also the order ties are broken in. The items become
+        searchable at `commit()`.
         """
+        pending = self._begin()
+        start = pending.next_key.get(collection, 0)
+        if first_key is not None and first_key < start:
+            raise RshashError(f"{collection}: first key {first_key} is below {start}")
+        start = start if first_key is None else first_key
+        keys = np.arange(start, start + len(items), dtype=np.int64)
+        self.add_keyed(collection, codes, items, keys)
+        return keys
+
+    def add_keyed(
+        self, collection: str, codes: np.ndarray, items: list[dict[str, Any]], keys: np.ndarray
+    ) -> None:
+        """Add items under the given increasing keys (all from the next key on)."""
         if collection not in COLLECTIONS:
             raise RshashError(f"unknown collection {collection!r}; expected one of {COLLECTIONS}")
-        if codes.ndim != 2 or codes.shape[1] * 8 != self.bits:
-            raise RshashError(f"codes must be (n, {self.bits // 8}) packed bytes")
-        col = self.collections.get(collection)
-        if col is None:
-            col = self.collections[collection] = Collection(collection, self._engine())
-        return col.add(np.ascontiguousarray(codes, np.uint8), items, first_key)
-
-    def remove(self, ids: list[str]) -> int:
-        """Remove images (and their captions) or single captions by id; returns images removed."""
-        wanted = set(ids)
-        removed = 0
-        for col in self.collections.values():
-            drop = np.array(
-                [it["id"] in wanted or it.get("image") in wanted for it in col.items], bool
+        codes = pad_packed(codes, self.bits)
+        keys = np.asarray(keys, np.int64)
+        if not len(codes) == len(items) == len(keys):
+            raise RshashError(f"{len(codes)} codes but {len(items)} item records")
+        pending = self._begin()
+        if len(keys) and (keys[0] < pending.next_key[collection] or (np.diff(keys) <= 0).any()):
+            raise RshashError(
+                f"{collection}: keys must increase from {pending.next_key[collection]}"
             )
-            n = col.remove(drop)
-            removed += n if col.name == "images" else 0
+        try:
+            self._check_new_ids(collection, items)
+            seg = pending.segments.get(collection)
+            if seg is None:
+                seg = pending.segments[collection] = store.SegmentWriter(
+                    self.path / store.segment_name(collection, pending.gen), codes.shape[1]
+                )
+            seg.write(keys, codes)
+            self._insert(collection, keys, items, pending.gen)
+        except BaseException:
+            self._abort()
+            raise
+        if len(keys):
+            pending.next_key[collection] = int(keys[-1]) + 1
+
+    def reserve_keys(self, collection: str, next_key: int) -> None:
+        """Start the collection's next keys at `next_key` (at least); kept by the next commit."""
+        pending = self._begin()
+        pending.next_key[collection] = max(pending.next_key[collection], next_key)
+        pending.reserved = True
+
+    def _check_new_ids(self, collection: str, items: list[dict[str, Any]]) -> None:
+        ids = [str(it["id"]) for it in items]
+        if len(set(ids)) != len(ids):
+            twice = next(i for i, n in Counter(ids).items() if n > 1)
+            raise RshashError(f"{collection}: item id {twice!r} appears twice")
+        c = coll_code(collection)
+        for part in store.chunks(ids):
+            marks = ", ".join("?" * len(part))
+            row = (
+                self._db()
+                .execute(
+                    f"SELECT id FROM items WHERE id IN ({marks}) AND rid % 2 = {c}"
+                    " AND gen_removed IS NULL LIMIT 1",
+                    part,
+                )
+                .fetchone()
+            )
+            if row is not None:
+                raise RshashError(f"{collection}: item id {row[0]!r} is already in the index")
+
+    def _insert(
+        self, collection: str, keys: np.ndarray, items: list[dict[str, Any]], gen: int
+    ) -> None:
+        c, db = coll_code(collection), self._db()
+        store.insert_rows(
+            db,
+            (store.row_of(c, int(k), it, gen) for k, it in zip(keys.tolist(), items, strict=True)),
+        )
+        for k, it in zip(keys.tolist(), items, strict=True):
+            if it.get("bounds_wgs84") is not None:
+                store.insert_bounds(db, 2 * k + c, it)
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Remove images (and their captions) or single captions by id; returns images removed."""
+        wanted = [str(i) for i in ids]
+        pending = self._begin()
+        db, removed = self._db(), 0
+        try:
+            for part in store.chunks(wanted, store.BATCH // 2):
+                marks = ", ".join("?" * len(part))
+                cur = db.execute(
+                    f"UPDATE items SET gen_removed = ? WHERE id IN ({marks}) AND rid % 2 = 0"
+                    " AND gen_removed IS NULL",
+                    (pending.gen, *part),
+                )
+                removed += cur.rowcount
+                db.execute(
+                    f"UPDATE items SET gen_removed = ? WHERE rid % 2 = 1 AND gen_removed IS NULL"
+                    f" AND (id IN ({marks}) OR image IN ({marks}))",
+                    (pending.gen, *part, *part),
+                )
+        except BaseException:
+            self._abort()
+            raise
+        pending.removed = True
         return removed
 
     def commit(self, source: dict[str, Any] | None = None) -> None:
-        """Write the next generation, switch the manifest to it, delete the previous one."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        old = self.manifest["generation"]
-        gen = old + 1
-        model_dir = self.path / "model"
-        if not (model_dir / MODEL).exists():
-            source_run = self.model_source
-            if source_run is None:
-                raise RshashError(f"{self.path}: model copy is missing")
-            tmp = self.path / ".model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for name in (MODEL, "config.json", "split.json"):
-                shutil.copy2(Path(source_run) / name, tmp / name)
-            tmp.rename(model_dir)
-        collections = {}
-        for name, col in self.collections.items():
-            with (
-                atomic_path(self.path / f"{name}.codes.{gen}.npy") as tmp_file,
-                open(tmp_file, "wb") as f,
-            ):
-                np.save(f, col.codes)
-            with (
-                atomic_path(self.path / f"{name}.keys.{gen}.npy") as tmp_file,
-                open(tmp_file, "wb") as f,
-            ):
-                np.save(f, col.keys)
-            with (
-                atomic_path(self.path / f"{name}.items.{gen}.jsonl") as tmp_file,
-                open(tmp_file, "w", encoding="utf-8") as f,
-            ):
-                for it in col.items:
-                    f.write(json.dumps(it, ensure_ascii=False) + "\n")
-            state = col.engine.state()
-            if state is not None:
-                with atomic_path(self.path / f"{name}.engine.{gen}.bin") as tmp_file:
-                    tmp_file.write_bytes(state)
-            collections[name] = {"count": len(col), "next_key": col.next_key, "report": col.report}
-        self.manifest.update(generation=gen, collections=collections, updated=time.time())
-        if source is not None:
-            self.manifest["sources"].append(source)
-        self.manifest["provenance"] = provenance()
-        write_json_atomic(self.path / MANIFEST, self.manifest)
-        for stale in self.path.glob(f"*.{old}.*"):
-            stale.unlink()
+        """Make the pending changes the next generation: segments, records, then manifest."""
+        pending = self._begin()
+        manifest = {**self.manifest, "collections": dict(self.manifest["collections"])}
+        manifest["sources"] = [*self.manifest["sources"], *([source] if source else [])]
+        db = self._db()
+        try:
+            for name in COLLECTIONS:
+                seg = pending.segments.get(name)
+                removed = self._removed_in(name, pending.gen) if pending.removed else None
+                if seg is None and (removed is None or not len(removed)) and not pending.reserved:
+                    continue
+                info = dict(manifest["collections"].get(name) or self._new_info())
+                col = self.collections.get(name) or Collection(name, self._engine())
+                if seg is not None:
+                    seg.close()
+                    rows = store.read_segment(seg.path, code_bytes(self.bits), seg.count)
+                    if col.engine.ntotal == 0 and not info["segments"]:
+                        col.report = info["report"] = col.engine.build(rows["code"], rows["key"])
+                    else:
+                        col.engine.add(rows["code"], rows["key"])
+                    del rows
+                    info["segments"] = [
+                        *info["segments"],
+                        {"file": seg.path.name, "count": seg.count},
+                    ]
+                info["next_key"] = pending.next_key[name]
+                if removed is not None:
+                    info["tombstones"] += col.engine.remove(removed)
+                info["count"] = col.engine.ntotal
+                state = col.engine.state()
+                if state is not None:
+                    info["state"] = f"engine-{name}-{pending.gen:08d}.bin"
+                    with open(self.path / info["state"], "wb") as f:
+                        f.write(state)
+                manifest["collections"][name] = info
+                self.collections[name] = col
+            manifest.update(generation=pending.gen, updated=time.time(), provenance=provenance())
+            db.execute("COMMIT")
+            write_json_atomic(self.path / MANIFEST, manifest)
+        except BaseException:
+            self._pending = None
+            for seg in pending.segments.values():
+                seg.discard()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            old = self.manifest
+            self._state = self._load(old) if self.generation else _State(old)
+            self._lock.release()
+            raise
+        self._state = _State(manifest, self._state.collections)
+        self._filters.clear()
+        self._pending = None
+        self._sweep(manifest)
+        self._lock.release()
+        if self._needs_compaction():
+            self.compact()
+
+    def _new_info(self) -> dict[str, Any]:
+        return {"count": 0, "next_key": 0, "segments": [], "tombstones": 0, "report": {}}
+
+    def _removed_in(self, collection: str, gen: int) -> np.ndarray:
+        rows = self._db().execute(
+            "SELECT rid >> 1 FROM items WHERE gen_removed = ? AND rid % 2 = ?",
+            (gen, coll_code(collection)),
+        )
+        return np.sort(np.fromiter((r[0] for r in rows), np.int64))
+
+    def _needs_compaction(self) -> bool:
+        for info in self.manifest["collections"].values():
+            held = info["count"] + info["tombstones"]
+            if info["tombstones"] > COMPACT_FRACTION * max(held, 1):
+                return True
+            if len(info["segments"]) > MAX_SEGMENTS:
+                return True
+        return False
+
+    def compact(self) -> dict[str, int]:
+        """Merge every collection's segments into one and drop tombstones (a new generation).
+
+        Returns the tombstones dropped per collection.
+        """
+        if self._pending is not None and (self._pending.segments or self._pending.removed):
+            raise RshashError(f"{self.path}: commit pending changes before compacting")
+        pending = self._begin()
+        gen, db = pending.gen, self._db()
+        manifest = {**self.manifest, "collections": {}}
+        dropped, collections = {}, {}
+        written: list[Path] = []
+        try:
+            db.execute("COMMIT")  # the recovery done by _begin
+            for name, info in self.manifest["collections"].items():
+                col = self.collections[name]
+                packed, keys = col.engine.live()
+                seg = store.SegmentWriter(
+                    self.path / store.segment_name(name, gen), packed.shape[1]
+                )
+                written.append(seg.path)
+                seg.write(keys, packed)
+                seg.close()
+                engine = self._engine()
+                state = col.engine.state()
+                if state is None:
+                    engine.restore(None, packed, keys)
+                else:
+                    engine = col.engine
+                new = {
+                    **info,
+                    "segments": [{"file": seg.path.name, "count": seg.count}],
+                    "tombstones": 0,
+                    "count": engine.ntotal,
+                }
+                if state is not None:
+                    new["state"] = f"engine-{name}-{gen:08d}.bin"
+                    written.append(self.path / new["state"])
+                    (self.path / new["state"]).write_bytes(state)
+                dropped[name] = int(info["tombstones"])
+                manifest["collections"][name] = new
+                collections[name] = Collection(name, engine, col.report)
+            manifest.update(generation=gen, compacted=self.generation, updated=time.time())
+            write_json_atomic(self.path / MANIFEST, manifest)
+        except BaseException:
+            self._pending = None
+            for f in written:
+                f.unlink(missing_ok=True)
+            self._lock.release()
+            raise
+        self._state = _State(manifest, collections)
+        self._filters.clear()
+        self._pending = None
+        db.execute("BEGIN IMMEDIATE")
+        self._drop_compacted(db)
+        db.execute("COMMIT")
+        self._sweep(manifest)
+        self._lock.release()
+        return dropped
 
     # --- searching -------------------------------------------------------------------------
 
-    def _collection(self, name: str) -> Collection:
-        col = self.collections.get(name)
+    def _collection(self, state: _State, name: str) -> Collection:
+        col = state.collections.get(name)
         if col is None or len(col) == 0:
-            have = ", ".join(n for n, c in self.collections.items() if len(c)) or "none"
+            have = ", ".join(n for n, c in state.collections.items() if len(c)) or "none"
             raise RshashError(f"{self.path}: index holds no {name} (collections: {have})")
         return col
 
+    def matching_keys(
+        self,
+        collection: str = "images",
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
+    ) -> np.ndarray:
+        """Sorted keys of the live items that match `where` and `bbox` (cached per filter)."""
+        return self._allowed(self._state, collection, where, bbox)
+
+    def _allowed(
+        self,
+        state: _State,
+        collection: str,
+        where: str | None,
+        bbox: tuple[float, float, float, float] | None,
+    ) -> np.ndarray:
+        box = check_bbox(bbox) if bbox is not None else None
+        gen = int(state.manifest["generation"])
+        cache_key = (gen, collection, where, box)
+        hit = self._filters.get(cache_key)
+        if hit is not None:
+            self._filters.move_to_end(cache_key)
+            return hit
+        sql = f"SELECT rid >> 1 FROM items WHERE rid % 2 = {coll_code(collection)}"
+        sql += f" AND {live_sql(gen)}"
+        params: list[Any] = []
+        if where is not None:
+            cond, params = compile_where(where)
+            sql += f" AND {cond}"
+        if box is not None:
+            minlon, minlat, maxlon, maxlat = box
+            sql += (
+                " AND rid IN (SELECT rid FROM bounds WHERE maxlon >= ? AND minlon <= ?"
+                " AND maxlat >= ? AND minlat <= ?)"
+                " AND json_extract(record, '$.bounds_wgs84[2]') >= ?"
+                " AND json_extract(record, '$.bounds_wgs84[0]') <= ?"
+                " AND json_extract(record, '$.bounds_wgs84[3]') >= ?"
+                " AND json_extract(record, '$.bounds_wgs84[1]') <= ?"
+            )
+            params += [minlon, maxlon, minlat, maxlat] * 2
+        try:
+            rows = self._db().execute(sql, params)
+            keys = np.sort(np.fromiter((r[0] for r in rows), np.int64))
+        except sqlite3.Error as exc:
+            raise RshashError(f"where: {exc}") from None
+        self._filters[cache_key] = keys
+        while len(self._filters) > FILTER_CACHE:
+            self._filters.popitem(last=False)
+        return keys
+
     def search_codes(
-        self, codes: np.ndarray, k: int = 20, collection: str = "images", radius: int | None = None
+        self,
+        codes: np.ndarray,
+        k: int = 20,
+        collection: str = "images",
+        radius: int | None = None,
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
     ) -> list[list[Hit]]:
         check_query(k, radius)
-        col = self._collection(collection)
+        state = self._state
+        col = self._collection(state, collection)
+        codes = pad_packed(codes, self.bits)
+        allowed = None
+        if where is not None or bbox is not None:
+            allowed = self._allowed(state, collection, where, bbox)
         if radius is not None:
-            return [col.hits(found) for found in col.engine.range_search(codes, radius)]
-        dist, keys = col.engine.search(codes, min(k, len(col)))
-        return [col.hits((d, key)) for d, key in zip(dist, keys, strict=True)]
+            found = col.engine.range_search(codes, radius, allowed)
+        else:
+            dist, keys = col.engine.search(codes, min(k, len(col)), allowed)
+            found = list(zip(dist, keys, strict=True))
+        return self._hits(collection, found)
+
+    def _hits(self, collection: str, found: list[Hits]) -> list[list[Hit]]:
+        """Hits with their records, fetched by key in one query per 900 keys."""
+        c = coll_code(collection)
+        wanted = sorted({int(k) for _, keys in found for k in keys if k >= 0})
+        records: dict[int, dict[str, Any]] = {}
+        for part in store.chunks([2 * k + c for k in wanted]):
+            marks = ", ".join("?" * len(part))
+            rows = self._db().execute(
+                f"SELECT rid >> 1, captions, record FROM items WHERE rid IN ({marks})", part
+            )
+            records.update((key, store.record_of(caps, rec)) for key, caps, rec in rows)
+        return [
+            [
+                Hit(int(key), int(d), records[int(key)])
+                for d, key in zip(dists, keys, strict=True)
+                if key >= 0 and int(key) in records
+            ]
+            for dists, keys in found
+        ]
 
     def item(self, item_id: str, collection: str = "images") -> dict[str, Any]:
-        col = self.collections.get(collection)
-        for it in col.items if col else []:
-            if it["id"] == item_id:
-                return it
-        raise RshashError(f"{self.path}: no {collection[:-1]} with id {item_id!r}")
+        """The record of the live item with this id (an indexed lookup)."""
+        row = (
+            self._db()
+            .execute(
+                f"SELECT captions, record FROM items WHERE id = ? AND rid % 2 = "
+                f"{coll_code(collection)} AND {live_sql(self.generation)}",
+                (item_id,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise RshashError(f"{self.path}: no {collection[:-1]} with id {item_id!r}")
+        return store.record_of(*row)
+
+    def items(self, collection: str = "images") -> list[dict[str, Any]]:
+        """Every live record of a collection, in key order (for tests and small archives)."""
+        rows = self._db().execute(
+            f"SELECT captions, record FROM items WHERE rid % 2 = {coll_code(collection)}"
+            f" AND {live_sql(self.generation)} ORDER BY rid"
+        )
+        return [store.record_of(*r) for r in rows]
 
     def __len__(self) -> int:
         return len(self.collections["images"]) if "images" in self.collections else 0

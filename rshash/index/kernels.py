@@ -12,6 +12,12 @@ Everything in the loops is indexed, never sliced: a numba slice is a view whose 
 updated atomically, which costs more than the distances in these short loops.
 Results are ordered by (distance, position): among equal distances the earlier item wins, which
 is what a stable sort of the distances gives.
+
+Every search takes `allowed`, a bit set over positions (bit i of word i // 64: item i may be
+returned; see `allowed_bits`). Tombstones and filters clear bits. The bits are applied to the
+candidate masks, so a filtered search is still exact top-k among the allowed items at no cost to
+the scan; block minima over all items stay valid lower bounds. Only the warm start's caps need
+minima over allowed items, which it computes when some bit is clear.
 """
 
 from __future__ import annotations
@@ -98,6 +104,39 @@ def _block_min(words, queries, q, start, stop, acc):
 
 
 @njit(inline="always")
+def _allowed_min(words, queries, q, start, stop, acc, allowed):
+    """Smallest distance from query q to the allowed items start..stop (FAR when none)."""
+    _distances(words, queries, q, start, stop, acc, words.shape[0])
+    lo = np.uint64(FAR)
+    for j in range(start, stop):
+        bit = (allowed[_at(j >> 6)] >> np.uint64(j & 63)) & np.uint64(1)
+        lo = min(lo, acc[_at(j - start)] if bit else np.uint64(FAR))
+    return np.int32(lo)
+
+
+@njit(cache=True)
+def all_allowed(allowed, n):
+    """Whether every one of the n items is allowed."""
+    full = n // 64
+    for w in range(full):
+        if allowed[w] != np.uint64(0xFFFFFFFFFFFFFFFF):
+            return False
+    if n % 64:
+        want = (np.uint64(1) << np.uint64(n % 64)) - np.uint64(1)
+        if allowed[full] & want != want:
+            return False
+    return True
+
+
+def allowed_bits(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask over n items → the kernels' bit set: ⌈n/64⌉ uint64 words."""
+    words = np.zeros(-(-len(mask) // 64) * 8, np.uint8)
+    packed = np.packbits(np.asarray(mask, bool), bitorder="little")
+    words[: len(packed)] = packed
+    return words.view("<u8").astype(np.uint64)
+
+
+@njit(inline="always")
 def _insert(best_d, best_i, q, d, item):
     """Insert (d, item) into query q's sorted top-k row, after any equal distances."""
     p = best_d.shape[1] - 1
@@ -110,12 +149,12 @@ def _insert(best_d, best_i, q, d, item):
 
 
 @njit(inline="always")
-def _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, cap):
-    """Update query q's sorted top-k row (best_d[q], best_i[q]) with the items start..stop that
-    are nearer than `cap`, in item order.
+def _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, cap, allowed):
+    """Update query q's sorted top-k row (best_d[q], best_i[q]) with the allowed items
+    start..stop that are nearer than `cap`, in item order.
 
     The block's distances come from one vector pass, then a bit mask per GROUP items from
-    branch-free compares; only the set bits are visited.
+    branch-free compares, and-ed with the allowed bits; only the set bits are visited.
     """
     last = best_d.shape[1] - 1
     _distances(words, queries, q, start, stop, acc, words.shape[0])
@@ -124,6 +163,7 @@ def _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, cap):
         mask = np.uint64(0)
         for j in range(g, min(g + GROUP, stop)):
             mask |= np.uint64(acc[_at(j - start)] < t) << np.uint64(j - g)
+        mask &= allowed[_at(g >> 6)]
         while mask:
             i = g + np.int64(_trailing_zeros(mask))
             mask &= mask - np.uint64(1)
@@ -147,25 +187,30 @@ def _caps(hist, k, cap):
 
 
 @njit(inline="always")
-def _warm_start(words, queries, q_lo, q_hi, b_lo, b_hi, acc, best_d, best_i):
+def _warm_start(words, queries, q_lo, q_hi, b_lo, b_hi, acc, best_d, best_i, allowed, full):
     """Fill the top-k rows of queries q_lo..q_hi from blocks b_lo..b_hi, in two passes.
 
     First the nearest distance of every (block, query); the k-th smallest per query caps the
     distances that can enter the top-k (k blocks hold k distinct items that near). Then only
     the blocks whose minimum is under that cap and the current k-th distance are visited. A
-    cold top-k row would instead let a stream of early candidates through.
+    cold top-k row would instead let a stream of early candidates through. With some items not
+    allowed (`full` false) the minima are taken over the allowed items only.
     """
     n, k = words.shape[1], best_d.shape[1]
-    mins = np.empty((b_hi - b_lo, q_hi - q_lo), np.uint8)
+    mins = np.empty((b_hi - b_lo, q_hi - q_lo), np.int32)
     hist = np.zeros((q_hi - q_lo, 64 * words.shape[0] + 1), np.int32)
     cap = np.empty(q_hi - q_lo, np.int32)
     for b in range(b_lo, b_hi):
         start = b * BLOCK
         stop = min(start + BLOCK, n)
         for q in range(q_lo, q_hi):
-            m = _block_min(words, queries, q, start, stop, acc)
+            if full:
+                m = _block_min(words, queries, q, start, stop, acc)
+            else:
+                m = _allowed_min(words, queries, q, start, stop, acc, allowed)
             mins[b - b_lo, q - q_lo] = m
-            hist[q - q_lo, m] += 1
+            if m < FAR:
+                hist[q - q_lo, m] += 1
     _caps(hist, k, cap)
     for b in range(b_lo, b_hi):
         start = b * BLOCK
@@ -173,11 +218,11 @@ def _warm_start(words, queries, q_lo, q_hi, b_lo, b_hi, acc, best_d, best_i):
         for q in range(q_lo, q_hi):
             c = cap[q - q_lo]
             if mins[b - b_lo, q - q_lo] < min(best_d[q, k - 1], c):
-                _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, c)
+                _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, c, allowed)
 
 
 @njit(parallel=True, cache=True)
-def _topk_tiles(words, queries, k, parts, threads, warm):
+def _topk_tiles(words, queries, k, parts, threads, warm, allowed, full):
     """Top-k of every query over `parts` contiguous block ranges: (parts, q, k) partial results.
 
     Tiles (query chunk × block range) run in parallel: a batch splits over queries, a single
@@ -197,13 +242,15 @@ def _topk_tiles(words, queries, k, parts, threads, warm):
         acc = np.empty(BLOCK, np.uint64)
         best_d, best_i = out_d[part], out_i[part]
         w_hi = min(b_hi, b_lo + warm)
-        _warm_start(words, queries, q_lo, q_hi, b_lo, w_hi, acc, best_d, best_i)
+        _warm_start(words, queries, q_lo, q_hi, b_lo, w_hi, acc, best_d, best_i, allowed, full)
         for b in range(w_hi, b_hi):
             start = b * BLOCK
             stop = min(start + BLOCK, n)
             for q in range(q_lo, q_hi):
                 if _block_min(words, queries, q, start, stop, acc) < best_d[q, k - 1]:
-                    _scan_candidate(words, queries, q, start, stop, acc, best_d, best_i, FAR)
+                    _scan_candidate(
+                        words, queries, q, start, stop, acc, best_d, best_i, FAR, allowed
+                    )
     return out_d, out_i
 
 
@@ -226,14 +273,15 @@ def _merge_tiles(tile_d, tile_i):
 
 
 @njit(cache=True)
-def topk(words, keys, queries, k, parts, threads, warm=WARM):
-    """Exact top-k: (distances, keys) per query, (FAR, -1) past the end of the archive.
+def topk(words, keys, queries, k, parts, threads, allowed, warm=WARM):
+    """Exact top-k among allowed items: (distances, keys) per query, (FAR, -1) past the end.
 
     `parts` item ranges are searched in parallel, each over `threads` query chunks; the first
     `warm` blocks of each range are searched in two passes. One compiled call from query words
     to keys, so a single query pays one dispatch.
     """
-    dist, pos = _merge_tiles(*_topk_tiles(words, queries, k, parts, threads, warm))
+    full = all_allowed(allowed, words.shape[1])
+    dist, pos = _merge_tiles(*_topk_tiles(words, queries, k, parts, threads, warm, allowed, full))
     out = np.full(pos.shape, NO_ITEM, np.int64)
     for q in range(pos.shape[0]):
         for r in range(k):
@@ -243,8 +291,8 @@ def topk(words, keys, queries, k, parts, threads, warm=WARM):
 
 
 @njit(parallel=True, cache=True)
-def range_counts(words, queries, radius):
-    """Number of items within Hamming `radius` of each query."""
+def range_counts(words, queries, radius, allowed):
+    """Number of allowed items within Hamming `radius` of each query."""
     nq, n = queries.shape[0], words.shape[1]
     counts = np.zeros(nq, np.int64)
     for q in prange(nq):
@@ -255,15 +303,16 @@ def range_counts(words, queries, radius):
             if _block_min(words, queries, q, start, stop, acc) <= radius:
                 _distances(words, queries, q, start, stop, acc, words.shape[0])
                 r = np.uint64(radius)
-                for j in range(stop - start):
-                    c += acc[j] <= r
+                for j in range(start, stop):
+                    bit = (allowed[_at(j >> 6)] >> np.uint64(j & 63)) & np.uint64(1)
+                    c += (acc[_at(j - start)] <= r) & (bit == 1)
         counts[q] = c
     return counts
 
 
 @njit(parallel=True, cache=True)
-def range_fill(words, queries, radius, offsets, out_d, out_i):
-    """Write the (distance, position) of every item within `radius`, per query, in item order."""
+def range_fill(words, queries, radius, offsets, out_d, out_i, allowed):
+    """Write the (distance, position) of every allowed item within `radius`, in item order."""
     nq, n = queries.shape[0], words.shape[1]
     for q in prange(nq):
         acc = np.empty(BLOCK, np.uint64)
@@ -274,10 +323,11 @@ def range_fill(words, queries, radius, offsets, out_d, out_i):
                 continue
             _distances(words, queries, q, start, stop, acc, words.shape[0])
             r = np.uint64(radius)
-            for j in range(stop - start):
-                if acc[j] <= r:
-                    out_d[at] = acc[j]
-                    out_i[at] = start + j
+            for j in range(start, stop):
+                bit = (allowed[_at(j >> 6)] >> np.uint64(j & 63)) & np.uint64(1)
+                if acc[_at(j - start)] <= r and bit:
+                    out_d[at] = acc[_at(j - start)]
+                    out_i[at] = j
                     at += 1
 
 

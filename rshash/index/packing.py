@@ -1,4 +1,9 @@
-"""Hash codes ↔ packed bits: K bits per item as K/8 bytes (uint8), the on-disk format."""
+"""Hash codes ↔ packed bits: K bits per item as whole 64-bit words of bytes (uint8).
+
+A code of K bits (8 ≤ K ≤ 1024) takes `code_bytes(K)` = 8·⌈K/64⌉ bytes: its bits first, then zero
+bits up to the word boundary. Queries and items are padded alike, so the padding XORs to zero and
+never changes a Hamming distance.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,46 @@ import numpy as np
 
 from rshash.errors import RshashError
 
+MIN_BITS, MAX_BITS = 8, 1024
+
+
+def check_bits(bits: int) -> int:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise RshashError(f"code length must be {MIN_BITS} to {MAX_BITS} bits, got {bits}")
+    return bits
+
+
+def code_bytes(bits: int) -> int:
+    """Bytes per packed code of `bits` bits: whole 64-bit words."""
+    return 8 * -(-check_bits(bits) // 64)
+
+
+def pad_packed(packed: np.ndarray, bits: int) -> np.ndarray:
+    """(n, ⌈K/8⌉ or code_bytes(K)) uint8 → (n, code_bytes(K)), zero bytes appended."""
+    packed = np.asarray(packed, np.uint8)
+    width = code_bytes(bits)
+    if packed.ndim != 2 or packed.shape[1] not in (-(-bits // 8), width):
+        raise RshashError(f"codes must be (n, {width}) packed bytes, got {packed.shape}")
+    if packed.shape[1] == width:
+        return packed
+    out = np.zeros((len(packed), width), np.uint8)
+    out[:, : packed.shape[1]] = packed
+    return out
+
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
-    """±1 (or 0/1) codes of shape (n, K) → (n, K/8) uint8; bit set where the code is positive."""
+    """±1 (or 0/1) codes (n, K) → (n, code_bytes(K)) uint8; bit set where the code is positive."""
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] % 64:
-        raise RshashError(f"codes must be (n, K) with K a multiple of 64, got shape {codes.shape}")
-    return np.packbits(codes > 0, axis=1)
+    if codes.ndim != 2:
+        raise RshashError(f"codes must be (n, K), got shape {codes.shape}")
+    check_bits(codes.shape[1])
+    return pad_packed(np.packbits(codes > 0, axis=1), codes.shape[1])
 
 
-def unpack_codes(packed: np.ndarray) -> np.ndarray:
-    """(n, K/8) uint8 → (n, K) int8 codes in {-1, +1}."""
-    bits = np.unpackbits(np.asarray(packed, np.uint8), axis=1).astype(np.int8)
-    return bits * 2 - 1
+def unpack_codes(packed: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """(n, bytes) uint8 → (n, bits) int8 codes in {-1, +1} (padding dropped)."""
+    unpacked = np.unpackbits(np.asarray(packed, np.uint8), axis=1).astype(np.int8)
+    return (unpacked[:, :bits] if bits is not None else unpacked) * 2 - 1
 
 
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register

@@ -1,0 +1,230 @@
+"""The on-disk parts of an `rshash-index/2` directory: records, code segments, manifest, lock.
+
+- `records.db` (SQLite, WAL): one row per item, `rid` = key·2 + collection (0 images,
+  1 captions) so a lookup by key is a rowid lookup; columns `id`, `image`, `path`, `class`,
+  `dataset`, `captions`, `record` (the rest of the item's record as JSON) and the generations
+  `gen_added` / `gen_removed` that bound the row's life; an R*Tree `bounds` over the records'
+  `bounds_wgs84`. A reader at generation G sees the rows with gen_added ≤ G < gen_removed.
+- `seg-<collection>-<generation>.bin`: the codes one commit added, as (int64 key, code bytes)
+  pairs in key order; append-only, never rewritten, deleted only by compaction.
+- `index.json`: the manifest, replaced atomically; it names the generation and its segments.
+- `write.lock`: writers hold an exclusive `flock` on it; the kernel drops it when a writer dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rshash.errors import RshashError
+
+FORMAT = "rshash-index/2"
+OLD_FORMAT = "rshash-index/1"
+MANIFEST = "index.json"
+RECORDS = "records.db"
+LOCK = "write.lock"
+COLLECTIONS = ("images", "captions")
+COLUMNS = ("id", "image", "path", "class", "dataset")
+BATCH = 900  # SQL parameters per IN (...) list, under SQLite's limit
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    rid INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    image TEXT,
+    path TEXT,
+    class TEXT,
+    dataset TEXT,
+    captions TEXT,
+    record TEXT NOT NULL,
+    gen_added INTEGER NOT NULL,
+    gen_removed INTEGER
+);
+CREATE INDEX IF NOT EXISTS items_id ON items (id);
+CREATE INDEX IF NOT EXISTS items_image ON items (image) WHERE image IS NOT NULL;
+CREATE INDEX IF NOT EXISTS items_class ON items (class);
+CREATE INDEX IF NOT EXISTS items_dataset ON items (dataset);
+CREATE INDEX IF NOT EXISTS items_removed ON items (gen_removed) WHERE gen_removed IS NOT NULL;
+CREATE VIRTUAL TABLE IF NOT EXISTS bounds USING rtree (rid, minlon, maxlon, minlat, maxlat);
+"""
+
+
+def coll_code(collection: str) -> int:
+    return COLLECTIONS.index(collection)
+
+
+def live_sql(gen: int) -> str:
+    """SQL condition: the row is alive at generation `gen` (an int, safe to inline)."""
+    return f"gen_added <= {int(gen)} AND (gen_removed IS NULL OR gen_removed > {int(gen)})"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, full sync on commit."""
+    db = sqlite3.connect(path / RECORDS, isolation_level=None, check_same_thread=False, timeout=60)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA cache_size=-65536")
+    return db
+
+
+def init_db(db: sqlite3.Connection) -> None:
+    db.executescript(SCHEMA)
+
+
+def row_of(collection: int, key: int, rec: dict[str, Any], gen: int) -> tuple[Any, ...]:
+    """One `items` row for record `rec` (captions kept apart, the rest as JSON)."""
+    rest = {k: v for k, v in rec.items() if k != "captions"}
+    captions = rec.get("captions")
+
+    def text(field: str) -> str | None:
+        v = rec.get(field)
+        return None if v is None else str(v)
+
+    return (
+        key * 2 + collection,
+        str(rec["id"]),
+        text("image"),
+        text("path"),
+        text("class"),
+        text("dataset"),
+        None if captions is None else json.dumps(captions, ensure_ascii=False),
+        json.dumps(rest, ensure_ascii=False),
+        gen,
+    )
+
+
+def record_of(captions: str | None, record: str) -> dict[str, Any]:
+    rec: dict[str, Any] = json.loads(record)
+    if captions is not None:
+        rec["captions"] = json.loads(captions)
+    return rec
+
+
+def insert_rows(db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    db.executemany(
+        "INSERT INTO items (rid, id, image, path, class, dataset, captions, record, gen_added)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+
+
+def insert_bounds(db: sqlite3.Connection, rid: int, rec: dict[str, Any]) -> None:
+    box = rec.get("bounds_wgs84")
+    if box is None:
+        return
+    try:
+        minlon, minlat, maxlon, maxlat = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RshashError(
+            f"item {rec['id']!r}: bounds_wgs84 must be [minlon, minlat, maxlon, maxlat]"
+        ) from None
+    db.execute(
+        "INSERT INTO bounds (rid, minlon, maxlon, minlat, maxlat) VALUES (?, ?, ?, ?, ?)",
+        (rid, minlon, maxlon, minlat, maxlat),
+    )
+
+
+def chunks(values: list[Any], size: int = BATCH) -> Iterator[list[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+# --- segments ------------------------------------------------------------------------------
+
+
+def segment_dtype(width: int) -> np.dtype:
+    return np.dtype([("key", "<i8"), ("code", "u1", (width,))])
+
+
+def segment_name(collection: str, gen: int) -> str:
+    return f"seg-{collection}-{gen:08d}.bin"
+
+
+def read_segment(path: Path, width: int, count: int) -> np.ndarray:
+    """A segment's (key, code) records, memory-mapped; exactly `count` of them."""
+    dtype = segment_dtype(width)
+    size = path.stat().st_size
+    if size < count * dtype.itemsize:
+        raise RshashError(f"{path}: holds {size // dtype.itemsize} codes, manifest says {count}")
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype, mode="r", shape=(count,))
+
+
+class SegmentWriter:
+    """Appends (key, code) records to a new segment file; `close()` syncs it to disk."""
+
+    def __init__(self, path: Path, width: int) -> None:
+        self.path = path
+        self.dtype = segment_dtype(width)
+        self.file = open(path, "wb")  # noqa: SIM115 - kept open across add() calls
+        self.count = 0
+
+    def write(self, keys: np.ndarray, codes: np.ndarray) -> None:
+        rows = np.empty(len(keys), self.dtype)
+        rows["key"], rows["code"] = keys, codes
+        self.file.write(rows.tobytes())
+        self.count += len(keys)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+# --- manifest and lock ---------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of index directory `path`, checked to be this format."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise RshashError(f"{path}: not an rshash index (no {MANIFEST})")
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RshashError(f"{manifest_path}: not valid JSON ({exc})") from None
+    fmt = manifest.get("format")
+    if fmt == OLD_FORMAT:
+        raise RshashError(
+            f"{path}: index format {OLD_FORMAT}; convert it with `rshash index upgrade {path}`"
+        )
+    if fmt != FORMAT:
+        raise RshashError(f"{manifest_path}: format {fmt!r}, not {FORMAT}")
+    return manifest
+
+
+class WriteLock:
+    """An exclusive `flock` on INDEX/write.lock: writers take turns; a killed one lets go."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path / LOCK
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> None:
+        if self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
