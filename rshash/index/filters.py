@@ -172,7 +172,7 @@ def check_bbox(bbox: Any) -> tuple[float, float, float, float]:
     except (TypeError, ValueError):
         raise RshashError(
             f"bbox: expected 4 numbers (minlon, minlat, maxlon, maxlat), got {bbox!r}"
-        )
+        ) from None
     if len(box) != 4 or box[0] > box[2] or box[1] > box[3]:
         raise RshashError(f"bbox: expected minlon ≤ maxlon and minlat ≤ maxlat, got {bbox!r}")
     return box[0], box[1], box[2], box[3]

@@ -1,0 +1,403 @@
+"""The rshash-index/2 store: filters, tombstones, compaction, generations, crashes, writers.
+
+Indexes here hold random codes under the real UCM-trained model (so `Index` is used exactly as in
+production, SQLite and segment files included), with records whose fields the tests choose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rshash.errors import RshashError
+from rshash.index import Index
+from rshash.index.filters import compile_where
+from rshash.index.maintenance import check_index
+from tests.conftest import REPO, rshash_cli
+from tests.index_writer import codes_for
+
+CLASSES = ("river", "forest", "parking")
+
+
+def _records(start: int, n: int) -> list[dict]:
+    return [
+        {
+            "id": f"img-{i}",
+            "path": f"/archive/{i}.tif",
+            "class": CLASSES[i % 3],
+            "dataset": "a" if i % 2 else "b",
+            "captions": [f"caption {i}"],
+            "year": 2000 + i % 20,
+            "cloud": (i % 10) / 10,
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def _reference(codes: np.ndarray, keys: np.ndarray, queries: np.ndarray, k: int) -> list:
+    """Brute-force (distance, key) top-k, ties to the smaller key."""
+    d = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(-1)
+    out = []
+    for row in d:
+        order = np.lexsort((keys, row))[:k]
+        out.append([(int(row[i]), int(keys[i])) for i in order])
+    return out
+
+
+@pytest.fixture
+def small_index(ucm_run, tmp_path) -> Path:
+    """600 random 64-bit codes in two commits (two segments)."""
+    out = tmp_path / "index"
+    index = Index.create(out, ucm_run)
+    index.add("images", codes_for(0, 300), _records(0, 300))
+    index.commit()
+    index.add("images", codes_for(300, 300), _records(300, 300))
+    index.commit()
+    index.close()
+    return out
+
+
+def _ids(index: Index) -> set[str]:
+    return {r["id"] for r in index.items()}
+
+
+@pytest.mark.parametrize("engine", ["exact", "faiss-flat", "faiss-ivf"])
+def test_filtered_search_is_exact_top_k_among_matching_items(ucm_run, tmp_path, engine):
+    """A filter applied after the top-k (or ignored by an engine) would return fewer or wrong
+    items; every engine must return the exact top-k of the matching items."""
+    params = {"nlist": 4, "nprobe": 4} if engine == "faiss-ivf" else {}
+    index = Index.create(tmp_path / "i", ucm_run, engine, params)
+    codes, recs = codes_for(0, 3000), _records(0, 3000)
+    index.add("images", codes, recs)
+    index.commit()
+    queries = codes_for(99, 5)
+    keys = np.arange(3000)
+    cases = {
+        'class = "river" and year >= 2010': lambda r: r["class"] == "river" and r["year"] >= 2010,
+        'dataset in ("a") or not (cloud < 0.5)': lambda r: r["dataset"] == "a" or r["cloud"] >= 0.5,
+        "year > 2005 and year <= 2007 and class != 'forest'": lambda r: 2005 < r["year"] <= 2007
+        and r["class"] != "forest",
+        'id in ("img-7", "img-8")': lambda r: r["id"] in ("img-7", "img-8"),
+    }
+    for where, keep in cases.items():
+        mask = np.array([keep(r) for r in recs])
+        want = _reference(codes[mask], keys[mask], queries, 20)
+        got = index.search_codes(queries, k=20, where=where)
+        assert [[(h.distance, h.key) for h in g] for g in got] == want, where
+        assert all(keep(h.item) for g in got for h in g)
+        within = index.search_codes(queries[:1], radius=28, where=where)[0]
+        assert {h.key for h in within} == {
+            int(k) for k in keys[mask] if np.bitwise_count(codes[k] ^ queries[0]).sum() <= 28
+        }
+
+
+def test_filter_language_is_parameterised_and_rejects_bad_input():
+    """User text must never become SQL: values are bound, field names checked."""
+    sql, params = compile_where('class = "x\\" OR 1=1 --" and window.row >= 3')
+    assert params == ['x" OR 1=1 --', 3] and "OR 1=1" not in sql
+    assert "json_extract(record, '$.\"window\".\"row\"')" in sql
+    for bad, fragment in [
+        ("class = ", "expected a value"),
+        ('class = "a"; DROP TABLE items', "unexpected"),
+        ("class ~ 3", "unexpected"),
+        ("(class = 'a'", r"expected \)"),
+        ("year < null", "null only compares"),
+        ("", "empty filter"),
+        ('"class" = 1', "expected name"),
+    ]:
+        with pytest.raises(RshashError, match=fragment):
+            compile_where(bad)
+
+
+def test_bbox_filter_keeps_intersecting_boxes(ucm_run, tmp_path):
+    """Tiles with `bounds_wgs84` go into the R*Tree; a bbox keeps exactly those whose box meets it."""
+    index = Index.create(tmp_path / "i", ucm_run)
+    recs = [
+        {"id": f"t{i}", "class": None, "bounds_wgs84": [i * 0.1, 10.0, i * 0.1 + 0.1, 10.1]}
+        for i in range(50)
+    ]
+    index.add("images", codes_for(0, 50), recs)
+    index.commit()
+    q = codes_for(0, 1)
+    hits = index.search_codes(q, k=50, bbox=(1.05, 10.05, 1.25, 11.0))[0]
+    assert sorted(h.id for h in hits) == ["t10", "t11", "t12"]
+    both = index.search_codes(q, k=50, bbox=(1.05, 10.05, 1.25, 11.0), where='id != "t11"')[0]
+    assert sorted(h.id for h in both) == ["t10", "t12"]
+    assert index.search_codes(q, k=5, bbox=(50, 50, 51, 51)) == [[]]
+    with pytest.raises(RshashError, match="bbox"):
+        index.search_codes(q, k=5, bbox=(2, 0, 1, 1))
+
+
+def test_removed_items_are_masked_then_compacted_away(small_index):
+    """Tombstones must hide removed items without rewriting anything; compaction must then drop
+    them and leave every answer unchanged."""
+    index = Index.open(small_index)
+    segments = sorted(p.name for p in small_index.glob("seg-*"))
+    gone = [f"img-{i}" for i in range(0, 600, 7)]
+    assert index.remove(gone) == len(gone)
+    index.commit()
+    assert sorted(p.name for p in small_index.glob("seg-*")) == segments  # nothing rewritten
+    codes, keys = codes_for(0, 300), np.arange(600)
+    codes = np.concatenate([codes, codes_for(300, 300)])
+    keep = np.ones(600, bool)
+    keep[::7] = False
+    queries = codes[:4]
+    want = _reference(codes[keep], keys[keep], queries, 30)
+    for reader in (index, Index.open(small_index)):
+        assert len(reader) == keep.sum()
+        got = reader.search_codes(queries, k=30)
+        assert [[(h.distance, h.key) for h in g] for g in got] == want
+        with pytest.raises(RshashError, match="no image"):
+            reader.item("img-7")
+    assert check_index(small_index)["images"]["tombstones"] == len(gone)
+    dropped = index.compact()
+    assert dropped == {"images": len(gone)}
+    assert len(list(small_index.glob("seg-*"))) == 1
+    reopened = Index.open(small_index)
+    got = reopened.search_codes(queries, k=30)
+    assert [[(h.distance, h.key) for h in g] for g in got] == want
+    assert check_index(small_index)["images"] == {
+        "items": 600 - len(gone),
+        "tombstones": 0,
+        "segments": 1,
+        "pending_rollback": 0,
+    }
+    (rows,) = reopened._db().execute("SELECT count(*) FROM items").fetchone()
+    assert rows == 600 - len(gone)  # dropped records are deleted too
+
+
+def test_compaction_runs_by_itself_past_the_threshold(small_index):
+    """Tombstones must not pile up forever: past a quarter of the codes, commit compacts."""
+    index = Index.open(small_index)
+    index.remove([f"img-{i}" for i in range(200)])
+    index.commit()
+    assert index.manifest["collections"]["images"]["tombstones"] == 0
+    assert len(index.manifest["collections"]["images"]["segments"]) == 1
+    assert len(Index.open(small_index)) == 400
+
+
+def test_item_lookup_and_readd_after_remove(small_index):
+    """Ids are unique among live items, and a removed id can come back."""
+    index = Index.open(small_index)
+    assert index.item("img-5")["year"] == 2005
+    with pytest.raises(RshashError, match="already in the index"):
+        index.add("images", codes_for(5, 1), _records(5, 1))
+    index.remove(["img-5"])
+    index.add("images", codes_for(5, 1), _records(5, 1))
+    index.commit()
+    assert index.item("img-5")["path"] == "/archive/5.tif"
+    assert len(Index.open(small_index)) == 600
+
+
+def test_reader_refresh_switches_generation_atomically(small_index):
+    """A reader must keep its generation until refresh(), then see all of the new one."""
+    reader = Index.open(small_index)
+    writer = Index.open(small_index)
+    q = codes_for(1000, 1)
+    writer.add("images", np.repeat(q, 40, 0), _records(1000, 40))
+    assert not reader.refresh()  # not committed yet
+    writer.commit()
+    assert reader.generation == 2 and len(reader.search_codes(q, radius=0)[0]) == 0
+    assert reader.refresh() and reader.generation == 3
+    assert len(reader.search_codes(q, radius=0)[0]) == 40
+    assert not reader.refresh()
+
+
+def test_v1_index_names_upgrade_and_upgrade_keeps_everything(ucm_run, tmp_path):
+    """Opening an old-format index must say how to convert it, and the conversion must keep keys,
+    records and answers."""
+    old = tmp_path / "old"
+    (old / "model").mkdir(parents=True)
+    for name in ("model.pt", "config.json", "split.json"):
+        shutil.copy(ucm_run / name, old / "model" / name)
+    codes, keys = codes_for(0, 120), np.arange(120) * 2
+    np.save(old / "images.codes.3.npy", codes)
+    np.save(old / "images.keys.3.npy", keys)
+    recs = _records(0, 120)
+    (old / "images.items.3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    manifest = json.loads(json.dumps(Index.create(tmp_path / "tmp", ucm_run).manifest))
+    manifest.update(
+        format="rshash-index/1",
+        generation=3,
+        collections={"images": {"count": 120, "next_key": 240, "report": {}}},
+    )
+    (old / "index.json").write_text(json.dumps(manifest))
+    r = rshash_cli("search", old, "a river")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {old}: index format rshash-index/1; convert it with `rshash index upgrade {old}`"
+    )
+    r = rshash_cli("index", "upgrade", old)
+    assert r.returncode == 0, r.stderr
+    index = Index.open(old)
+    assert index.items() == recs
+    got = index.search_codes(codes[:3], k=10)
+    assert [[(h.distance, h.key) for h in g] for g in got] == _reference(codes, keys, codes[:3], 10)
+    index.add("images", codes_for(500, 1), _records(500, 1))
+    index.commit()
+    assert index.search_codes(codes_for(500, 1), k=1)[0][0].key == 240
+    assert rshash_cli("index", "check", old).returncode == 0
+
+
+def _writer(index: Path, action: str, kill_at: str | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "tests.index_writer", str(index), action]
+    return subprocess.Popen([*args, *([kill_at] if kill_at else [])], cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["insert", "seal", "manifest", "sweep"])
+def test_killed_add_leaves_old_or_new_items(small_index, kill_at):
+    """SIGKILL at any point of an add must leave an index that opens, passes the check and holds
+    the old items or all the new ones, never some; the next writer must clean up after it."""
+    before = _ids(Index.open(small_index))
+    proc = _writer(small_index, "add:600:120", kill_at)
+    assert proc.wait(120) == -9
+    index = Index.open(small_index)
+    after = _ids(index)
+    new = {f"img-{i}" for i in range(600, 720)}
+    assert after in (before, before | new), kill_at
+    assert after == (before | new if kill_at == "sweep" else before)
+    check_index(small_index)
+    done = _writer(small_index, "add:800:10")
+    assert done.wait(120) == 0
+    assert check_index(small_index)["images"]["pending_rollback"] == 0
+    assert _ids(Index.open(small_index)) == after | {f"img-{i}" for i in range(800, 810)}
+    named = {s["file"] for s in Index.open(small_index).manifest["collections"]["images"]["segments"]}
+    assert {p.name for p in small_index.glob("seg-*")} == named  # no stray segments
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["manifest", "gc", "sweep"])
+def test_killed_compact_leaves_a_consistent_index(small_index, kill_at):
+    """SIGKILL during compaction must leave the items as they were, before or after merging."""
+    index = Index.open(small_index)
+    index.remove([f"img-{i}" for i in range(0, 600, 5)])
+    index.commit()
+    index.close()
+    before = _ids(Index.open(small_index))
+    proc = _writer(small_index, "compact", kill_at)
+    assert proc.wait(120) == -9
+    assert _ids(Index.open(small_index)) == before
+    report = check_index(small_index)["images"]
+    assert report["segments"] == (2 if kill_at == "manifest" else 1)
+    q = codes_for(1, 3)
+    fresh = Index.open(small_index).search_codes(q, k=15)
+    assert _writer(small_index, "compact").wait(120) == 0
+    assert check_index(small_index)["images"]["tombstones"] == 0
+    again = Index.open(small_index).search_codes(q, k=15)
+    assert [[h.key for h in g] for g in again] == [[h.key for h in g] for g in fresh]
+
+
+@pytest.mark.slow
+def test_concurrent_writers_in_separate_processes_lose_nothing(small_index):
+    """Two writers at once must take turns, each adding to what the other committed."""
+    procs = [_writer(small_index, f"add:{start}:150") for start in (1000, 2000)]
+    assert [p.wait(180) for p in procs] == [0, 0]
+    ids = _ids(Index.open(small_index))
+    assert {f"img-{i}" for i in [*range(1000, 1150), *range(2000, 2150)]} <= ids
+    assert len(ids) == 900
+    check_index(small_index)
+
+
+READER = """
+import json, sys, numpy as np
+from rshash.index import Index
+from tests.index_writer import codes_for
+index = Index.open(sys.argv[1])
+q = np.repeat(codes_for(5000, 1), 1, 0)
+seen = []
+while True:
+    index.refresh()
+    n = len(index.search_codes(q, radius=0)[0])
+    seen.append([index.generation, n])
+    if n >= 200:
+        break
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_reader_process_sees_whole_generations_while_a_writer_commits(small_index):
+    """A searching process must see each commit whole (old or new, never part), and pick up new
+    generations by refresh() without reopening."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(small_index)], cwd=REPO, stdout=subprocess.PIPE
+    )
+    writer = Index.open(small_index)
+    q = codes_for(5000, 1)
+    time.sleep(2)
+    for step in range(4):
+        for part in range(5):  # each commit: 50 items matching the query, added in 5 calls
+            at = 5000 + step * 50 + part * 10
+            writer.add("images", np.repeat(q, 10, 0), _records(at, 10))
+        writer.commit()
+    out, _ = reader.communicate(timeout=120)
+    seen = json.loads(out)
+    assert all(n == 50 * (gen - 2) for gen, n in seen if gen >= 2), seen
+    assert seen[-1] == [6, 200]
+    assert len({gen for gen, _ in seen}) >= 2  # it saw more than one generation
+
+
+def test_code_lengths_that_are_not_whole_words(tmp_path):
+    """16-, 32- and 48-bit runs (the papers' settings) must index and search in every engine,
+    and padding to words must not change a distance."""
+    from rshash.index import make_engine, pack_codes
+
+    rng = np.random.default_rng(0)
+    for bits in (8, 16, 32, 48, 100, 1024):
+        signs = np.sign(rng.normal(size=(2000, bits)))
+        packed = pack_codes(signs)
+        assert packed.shape == (2000, 8 * -(-bits // 64))
+        queries = packed[:3]
+        d_ref = (signs[:3, None, :] != signs[None, :, :]).sum(-1)
+        keys = np.arange(2000, dtype=np.int64)
+        for name in ("exact", "faiss-flat", "faiss-ivf"):
+            engine = make_engine(name, bits, {"nlist": 2, "nprobe": 2} if name == "faiss-ivf" else {})
+            engine.build(packed, keys)
+            d, found = engine.search(queries, 10)
+            assert np.array_equal(d, np.take_along_axis(d_ref, found, 1)), (bits, name)
+            if name != "faiss-ivf":
+                assert np.array_equal(d, np.sort(d_ref, 1)[:, :10]), (bits, name)
+    with pytest.raises(RshashError, match="8 to 1024 bits"):
+        pack_codes(np.ones((2, 1030)))
+
+
+@pytest.mark.slow
+def test_48_bit_run_builds_and_searches_through_the_cli(mini_features, tmp_path):
+    """`rshash index build` on a 48-bit run used to fail with "multiple of 64 bits"."""
+    run = tmp_path / "run48"
+    r = rshash_cli(
+        "train", "--features", mini_features, "--out", run, "--bits", "48", "--epochs", "2",
+        "--batch-size", "8",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = mini_features.parent / "mini"
+    out = tmp_path / "index48"
+    r = rshash_cli("index", "build", run, data, "--out", out, "--features", mini_features)
+    assert r.returncode == 0, r.stderr
+    assert "48-bit codes" in r.stdout
+    r = rshash_cli("search", out, "a river", "-k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == 3
+    index = Index.open(out)
+    codes = index.collections["images"].codes
+    hits = index.search_codes(codes[:1], k=1)[0]
+    assert hits[0].distance == 0 and codes.shape[1] == 8
+
+
+def test_open_does_not_load_records(small_index, monkeypatch):
+    """Opening must not read every record into Python (its cost must not grow with them)."""
+    from rshash.index import store
+
+    monkeypatch.setattr(store, "record_of", lambda *a: pytest.fail("open read a record"))
+    index = Index.open(small_index)
+    assert len(index) == 600
+    assert os.path.getsize(small_index / "records.db") > 0
