@@ -2,6 +2,10 @@
 
 import hashlib
 import json
+import shutil
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +17,22 @@ from rshash.index import Index
 from rshash.index import build as build_module
 from rshash.index import index as index_module
 from rshash.index.build import BuildConfig, add_to_index, build_index
+from rshash.index.maintenance import check_index
 from tests.conftest import RSSCN7, make_caption_dataset, rshash_cli
 
 
 def _tree_digest(path: Path) -> str:
+    """Digest of an index's content: its files but the database, and the database's rows."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if f.name.startswith("records.db") or f.name == "write.lock":
+            continue
         h.update(f.relative_to(path).as_posix().encode())
         h.update(f.read_bytes())
+    db = sqlite3.connect(path / "records.db")
+    for row in db.execute("SELECT * FROM items ORDER BY rid"):
+        h.update(repr(row).encode())
+    db.close()
     return h.hexdigest()
 
 
@@ -64,10 +76,7 @@ def test_add_remove_reopen_round_trip(ucm_run, tmp_path):
     _, added = add_to_index(out, second, progress=False)
     assert added == 2
     index = Index.open(out)
-    assert [it["id"] for it in index.collections["images"].items] == [
-        *first.image_ids,
-        *second.image_ids,
-    ]
+    assert [it["id"] for it in index.items()] == [*first.image_ids, *second.image_ids]
     query = second.image_paths[0]
     top = index.search_image(query, k=1)[0]
     assert top.id == second.image_ids[0] and top.distance == 0
@@ -76,12 +85,18 @@ def test_add_remove_reopen_round_trip(ucm_run, tmp_path):
     assert index.remove([gone]) == 1
     index.commit()
     reopened = Index.open(out)
-    assert gone not in {it["id"] for it in reopened.collections["images"].items}
-    assert not any(c["image"] == gone for c in reopened.collections["captions"].items)
+    assert gone not in {it["id"] for it in reopened.items()}
+    assert not any(c["image"] == gone for c in reopened.items("captions"))
     assert reopened.search_image(query, k=1)[0].id != gone
     assert len(reopened) == 7
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert all(".3." in f for f in files if f != "index.json"), files  # old generations gone
+    assert len(reopened.collections["captions"]) == 35
+    segments = sorted(p.name for p in out.glob("seg-*"))
+    assert segments == [
+        "seg-captions-00000001.bin",
+        "seg-captions-00000002.bin",
+        "seg-images-00000001.bin",
+        "seg-images-00000002.bin",
+    ]  # one segment per add; the removal rewrote none
 
 
 def test_failed_commit_leaves_the_previous_index(ucm_run, tmp_path, monkeypatch):
@@ -98,9 +113,12 @@ def test_failed_commit_leaves_the_previous_index(ucm_run, tmp_path, monkeypatch)
     with pytest.raises(OSError):
         add_to_index(out, more, progress=False)
     monkeypatch.undo()
-    for stray in out.glob("*.2.*"):  # new-generation files the next commit overwrites
-        stray.unlink()
-    assert _tree_digest(out) == before
+    index = Index.open(out)
+    assert len(index) == 2 and index.generation == 1
+    check_index(out)  # the committed rows of generation 2 are invisible, then rolled back
+    index.remove([])
+    index.commit()
+    assert check_index(out)["images"]["pending_rollback"] == 0
     assert len(Index.open(out)) == 2
 
 
@@ -132,6 +150,7 @@ def test_interrupted_build_resumes_from_saved_batches(ucm_run, tmp_path, monkeyp
     assert not (tmp_path / "index.partial").exists()
     fresh = build_index(ucm_run, ds, tmp_path / "fresh", cfg, progress=False)
     assert np.array_equal(index.collections["images"].codes, fresh.collections["images"].codes)
+    assert index.items() == fresh.items()
 
 
 def test_index_refuses_another_model(ucm_index, ucm_run, tmp_path):
@@ -160,6 +179,9 @@ def test_cli_search_and_bad_input(ucm_index, tmp_path):
         ("search", ucm_index, "--image", tmp_path / "none.png"): "not found",
         ("search", tmp_path, "a river"): "not an rshash index",
         ("index", "remove", ucm_index, "no-such-id.tif"): "no image with id",
+        ("search", ucm_index, "x", "--where", "class = "): "where: expected a value",
+        ("search", ucm_index, "x", "--where", "class = 'a' drop"): "where: expected end",
+        ("search", ucm_index, "x", "--bbox", "1,2,3"): "bbox:",
     }
     for args, fragment in cases.items():
         r = rshash_cli(*args)
@@ -167,3 +189,57 @@ def test_cli_search_and_bad_input(ucm_index, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("error:") and fragment in lines[-1], (args, r.stderr)
     assert _tree_digest(ucm_index) == before
+
+
+def _rsscn7_subset(root: Path, classes: tuple[str, ...], per_class: int, offset: int) -> Path:
+    """A class-folder archive of real RSSCN7 images (copies)."""
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for path in sorted((RSSCN7 / cls).iterdir())[offset : offset + per_class]:
+            shutil.copy(path, root / cls / path.name)
+    return root
+
+
+@pytest.mark.slow
+def test_ucm_and_rsscn7_through_the_cli(ucm_index, tmp_path):
+    """The whole life of an archive on real data, as a user runs it: two concurrent adds (which
+    used to lose one writer's images), filtered search, remove, compact, check."""
+    archive = tmp_path / "archive"
+    shutil.copytree(ucm_index, archive)
+    first = _rsscn7_subset(tmp_path / "rs-a", ("dRiverLake", "gParking"), 5, 0)
+    second = _rsscn7_subset(tmp_path / "rs-b", ("dRiverLake", "gParking"), 5, 5)
+    fields = tmp_path / "fields.json"
+    fields.write_text(json.dumps({p: {"year": 2020} for p in load_dataset(first).image_ids}))
+    adds = [
+        subprocess.Popen(
+            [sys.executable, "-m", "rshash.cli", "index", "add", archive, src, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for src, extra in ((first, ["--fields", str(fields)]), (second, []))
+    ]
+    for proc in adds:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "added 10 images" in out
+    info = rshash_cli("index", "info", archive)
+    assert "images: 2120 items" in info.stdout, info.stdout
+    r = rshash_cli(
+        "search", archive, "a river", "-k", "5", "--json", "--where", 'dataset = "rs-a" or year = 2020'
+    )
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)
+    assert len(hits) == 5 and all(h["dataset"] == "rs-a" and h["year"] == 2020 for h in hits)
+    r = rshash_cli("search", archive, "a river", "-k", "20", "--json", "--where", 'dataset = "rs-b"')
+    assert {h["class"] for h in json.loads(r.stdout)} == {"dRiverLake", "gParking"}
+    assert len(json.loads(r.stdout)) == 10
+    gone = load_dataset(second).image_ids[0]
+    assert rshash_cli("index", "remove", archive, gone).returncode == 0
+    r = rshash_cli("index", "compact", archive)
+    assert r.returncode == 0 and "images: dropped 1 removed codes" in r.stdout, r.stdout
+    r = rshash_cli("index", "check", archive)
+    assert r.returncode == 0 and "images: ok, items 2119, tombstones 0" in r.stdout, r.stdout
+    assert "captions: ok, items 10500" in r.stdout
+    index = Index.open(archive)
+    assert len(index) == 2119 and index.item(load_dataset(first).image_ids[0])["year"] == 2020

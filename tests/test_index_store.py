@@ -313,7 +313,8 @@ from rshash.index import Index
 from tests.index_writer import codes_for
 index = Index.open(sys.argv[1])
 q = np.repeat(codes_for(5000, 1), 1, 0)
-seen = []
+seen = [[index.generation, len(index.search_codes(q, radius=0)[0])]]
+print("ready", flush=True)
 while True:
     index.refresh()
     n = len(index.search_codes(q, radius=0)[0])
@@ -329,16 +330,20 @@ def test_reader_process_sees_whole_generations_while_a_writer_commits(small_inde
     """A searching process must see each commit whole (old or new, never part), and pick up new
     generations by refresh() without reopening."""
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(small_index)], cwd=REPO, stdout=subprocess.PIPE
+        [sys.executable, "-c", READER, str(small_index)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
     writer = Index.open(small_index)
     q = codes_for(5000, 1)
-    time.sleep(2)
     for step in range(4):
         for part in range(5):  # each commit: 50 items matching the query, added in 5 calls
             at = 5000 + step * 50 + part * 10
             writer.add("images", np.repeat(q, 10, 0), _records(at, 10))
         writer.commit()
+        time.sleep(0.5)
     out, _ = reader.communicate(timeout=120)
     seen = json.loads(out)
     assert all(n == 50 * (gen - 2) for gen, n in seen if gen >= 2), seen
