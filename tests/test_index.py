@@ -226,12 +226,21 @@ def test_ucm_and_rsscn7_through_the_cli(ucm_index, tmp_path):
     info = rshash_cli("index", "info", archive)
     assert "images: 2120 items" in info.stdout, info.stdout
     r = rshash_cli(
-        "search", archive, "a river", "-k", "5", "--json", "--where", 'dataset = "rs-a" or year = 2020'
+        "search",
+        archive,
+        "a river",
+        "-k",
+        "5",
+        "--json",
+        "--where",
+        'dataset = "rs-a" or year = 2020',
     )
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
     assert len(hits) == 5 and all(h["dataset"] == "rs-a" and h["year"] == 2020 for h in hits)
-    r = rshash_cli("search", archive, "a river", "-k", "20", "--json", "--where", 'dataset = "rs-b"')
+    r = rshash_cli(
+        "search", archive, "a river", "-k", "20", "--json", "--where", 'dataset = "rs-b"'
+    )
     assert {h["class"] for h in json.loads(r.stdout)} == {"dRiverLake", "gParking"}
     assert len(json.loads(r.stdout)) == 10
     gone = load_dataset(second).image_ids[0]

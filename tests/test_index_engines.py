@@ -107,12 +107,15 @@ def test_ivf_recall_on_clustered_codes():
 def test_pack_roundtrip_and_errors():
     codes = np.sign(np.random.default_rng(0).normal(size=(10, 64))).astype(np.int8)
     assert np.array_equal(unpack_codes(pack_codes(codes)), codes)
-    with pytest.raises(RshashError, match="multiple of 64"):
-        pack_codes(codes[:, :60])
+    assert np.array_equal(unpack_codes(pack_codes(codes[:, :40]), 40), codes[:, :40])
+    with pytest.raises(RshashError, match="8 to 1024 bits"):
+        pack_codes(codes[:, :4])
     with pytest.raises(RshashError, match="unknown index engine"):
         make_engine("annoy", 64)
     with pytest.raises(RshashError, match="packed bytes"):
         make_engine("exact", 64).search(np.zeros((1, 16), np.uint8), 1)
+    with pytest.raises(RshashError, match="8 to 1024 bits"):
+        make_engine("exact", 2048)
 
 
 @pytest.mark.parametrize("n", [1, 13, 1000])
@@ -150,3 +153,51 @@ def test_large_word_arrays_start_on_a_huge_page():
     assert np.array_equal(words.T.copy().view(np.uint8), packed)
     words[0, :3] = 7  # writable
     assert (words[0, :3] == 7).all()
+
+
+@pytest.mark.parametrize("warm", [1, kernels.WARM])
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.01, 0.0])
+def test_kernel_mask_gives_exact_top_k_among_allowed_items(warm, parts, share):
+    """Filters and tombstones are a bit mask the kernel applies while scanning: the answer must
+    be the brute-force top-k of the allowed items, whatever share of items is allowed (the warm
+    start's caps and the block minima must not skip an allowed item)."""
+    rng = np.random.default_rng(int(share * 100) + warm + parts)
+    base = rng.integers(0, 256, size=(30, 16), dtype=np.uint8)
+    codes = np.concatenate(
+        [_codes(rng, 5000, 128, clustered=True), base[rng.integers(0, 30, 2500)]]
+    )
+    queries = np.concatenate([base[:3], codes[:2], _codes(rng, 3, 128)])
+    allowed = rng.random(len(codes)) < share
+    allowed[::997] = share > 0  # the queries' own duplicates are sometimes allowed
+    keys = np.arange(len(codes), dtype=np.int64)
+    words, q, bits = to_words(codes), query_words(queries), kernels.allowed_bits(allowed)
+    for k in (1, 20, 300):
+        d, found = kernels.topk(words, keys, q, k, parts, 2, bits, warm)
+        ref_d, ref_pos = _reference(codes[allowed], queries, k)
+        n = min(k, int(allowed.sum()))
+        assert np.array_equal(d[:, :n], ref_d[:, :n])
+        assert np.array_equal(found[:, :n], keys[allowed][ref_pos[:, :n]])
+        assert (found[:, n:] == -1).all()
+    counts = kernels.range_counts(words, q, 40, bits)
+    d_all = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(-1)
+    assert np.array_equal(counts, ((d_all <= 40) & allowed).sum(1))
+
+
+def test_exact_engine_filter_and_tombstones_share_the_mask():
+    """A filter must never bring back a removed item."""
+    rng = np.random.default_rng(9)
+    codes = _codes(rng, 2000, 64)
+    engine = make_engine("exact", 64)
+    keys = np.arange(2000, dtype=np.int64) * 2
+    engine.add(codes, keys)
+    engine.remove(keys[:1000:2])
+    allowed = keys[:1000]
+    d, found = engine.search(codes[:5], 50, allowed)
+    live = np.isin(keys, allowed) & ~np.isin(keys, keys[:1000:2])
+    ref_d, ref_pos = _reference(codes[live], codes[:5], 50)
+    assert np.array_equal(d, ref_d) and np.array_equal(found, keys[live][ref_pos])
+    assert engine.ntotal == 1500
+    live_codes, live_keys = engine.live()
+    assert np.array_equal(live_keys, keys[~np.isin(keys, keys[:1000:2])])
+    assert np.array_equal(live_codes, codes[~np.isin(keys, keys[:1000:2])])

@@ -83,8 +83,9 @@ def test_filtered_search_is_exact_top_k_among_matching_items(ucm_run, tmp_path, 
     cases = {
         'class = "river" and year >= 2010': lambda r: r["class"] == "river" and r["year"] >= 2010,
         'dataset in ("a") or not (cloud < 0.5)': lambda r: r["dataset"] == "a" or r["cloud"] >= 0.5,
-        "year > 2005 and year <= 2007 and class != 'forest'": lambda r: 2005 < r["year"] <= 2007
-        and r["class"] != "forest",
+        "year > 2005 and year <= 2007 and class != 'forest'": lambda r: (
+            2005 < r["year"] <= 2007 and r["class"] != "forest"
+        ),
         'id in ("img-7", "img-8")': lambda r: r["id"] in ("img-7", "img-8"),
     }
     for where, keep in cases.items():
@@ -103,7 +104,7 @@ def test_filter_language_is_parameterised_and_rejects_bad_input():
     """User text must never become SQL: values are bound, field names checked."""
     sql, params = compile_where('class = "x\\" OR 1=1 --" and window.row >= 3')
     assert params == ['x" OR 1=1 --', 3] and "OR 1=1" not in sql
-    assert "json_extract(record, '$.\"window\".\"row\"')" in sql
+    assert 'json_extract(record, \'$."window"."row"\')' in sql
     for bad, fragment in [
         ("class = ", "expected a value"),
         ('class = "a"; DROP TABLE items', "unexpected"),
@@ -270,7 +271,9 @@ def test_killed_add_leaves_old_or_new_items(small_index, kill_at):
     assert done.wait(120) == 0
     assert check_index(small_index)["images"]["pending_rollback"] == 0
     assert _ids(Index.open(small_index)) == after | {f"img-{i}" for i in range(800, 810)}
-    named = {s["file"] for s in Index.open(small_index).manifest["collections"]["images"]["segments"]}
+    named = {
+        s["file"] for s in Index.open(small_index).manifest["collections"]["images"]["segments"]
+    }
     assert {p.name for p in small_index.glob("seg-*")} == named  # no stray segments
 
 
@@ -365,7 +368,9 @@ def test_code_lengths_that_are_not_whole_words(tmp_path):
         d_ref = (signs[:3, None, :] != signs[None, :, :]).sum(-1)
         keys = np.arange(2000, dtype=np.int64)
         for name in ("exact", "faiss-flat", "faiss-ivf"):
-            engine = make_engine(name, bits, {"nlist": 2, "nprobe": 2} if name == "faiss-ivf" else {})
+            engine = make_engine(
+                name, bits, {"nlist": 2, "nprobe": 2} if name == "faiss-ivf" else {}
+            )
             engine.build(packed, keys)
             d, found = engine.search(queries, 10)
             assert np.array_equal(d, np.take_along_axis(d_ref, found, 1)), (bits, name)
