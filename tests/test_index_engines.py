@@ -157,7 +157,7 @@ def test_large_word_arrays_start_on_a_huge_page():
 
 @pytest.mark.parametrize("warm", [1, kernels.WARM])
 @pytest.mark.parametrize("parts", [1, 3])
-@pytest.mark.parametrize("share", [1.0, 0.5, 0.01, 0.0])
+@pytest.mark.parametrize("share", [1.0, 0.999, 0.5, 0.01, 0.0])
 def test_kernel_mask_gives_exact_top_k_among_allowed_items(warm, parts, share):
     """Filters and tombstones are a bit mask the kernel applies while scanning: the answer must
     be the brute-force top-k of the allowed items, whatever share of items is allowed (the warm

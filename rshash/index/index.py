@@ -747,18 +747,35 @@ class Index(Searcher):
         bbox: tuple[float, float, float, float] | None = None,
     ) -> list[list[Hit]]:
         check_query(k, radius)
+        if radius is None:
+            dist, keys = self.search_keys(codes, k, collection, where=where, bbox=bbox)
+            return self._hits(collection, list(zip(dist, keys, strict=True)))
         state = self._state
         col = self._collection(state, collection)
-        codes = pad_packed(codes, self.bits)
         allowed = None
         if where is not None or bbox is not None:
             allowed = self._allowed(state, collection, where, bbox)
-        if radius is not None:
-            found = col.engine.range_search(codes, radius, allowed)
-        else:
-            dist, keys = col.engine.search(codes, min(k, len(col)), allowed)
-            found = list(zip(dist, keys, strict=True))
+        found = col.engine.range_search(pad_packed(codes, self.bits), radius, allowed)
         return self._hits(collection, found)
+
+    def search_keys(
+        self,
+        codes: np.ndarray,
+        k: int = 20,
+        collection: str = "images",
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
+    ) -> Hits:
+        """Top-k (distances, keys) per query without the records: (q, k) arrays, key -1 past
+        the matching items."""
+        check_query(k, None)
+        state = self._state
+        col = self._collection(state, collection)
+        allowed = None
+        if where is not None or bbox is not None:
+            allowed = self._allowed(state, collection, where, bbox)
+        return col.engine.search(pad_packed(codes, self.bits), min(k, len(col)), allowed)
 
     def _hits(self, collection: str, found: list[Hits]) -> list[list[Hit]]:
         """Hits with their records, fetched by key in one query per 900 keys."""

@@ -114,6 +114,20 @@ def _allowed_min(words, queries, q, start, stop, acc, allowed):
     return np.int32(lo)
 
 
+@njit(inline="always")
+def _block_allowed(allowed, start, stop):
+    """1: every item start..stop allowed, 0: none, -1: some (start a multiple of 64)."""
+    every, some = True, False
+    for w in range(start >> 6, (stop + 63) >> 6):
+        want = np.uint64(0xFFFFFFFFFFFFFFFF)
+        if (w + 1) * 64 > stop:
+            want = (np.uint64(1) << np.uint64(stop - w * 64)) - np.uint64(1)
+        got = allowed[_at(w)] & want
+        every = every and got == want
+        some = some or got != np.uint64(0)
+    return 1 if every else (0 if not some else -1)
+
+
 @njit(cache=True)
 def all_allowed(allowed, n):
     """Whether every one of the n items is allowed."""
@@ -194,7 +208,8 @@ def _warm_start(words, queries, q_lo, q_hi, b_lo, b_hi, acc, best_d, best_i, all
     distances that can enter the top-k (k blocks hold k distinct items that near). Then only
     the blocks whose minimum is under that cap and the current k-th distance are visited. A
     cold top-k row would instead let a stream of early candidates through. With some items not
-    allowed (`full` false) the minima are taken over the allowed items only.
+    allowed (`full` false), a block's minimum is taken over its allowed items (the fused minimum
+    where all are allowed, none where none is), so the caps stay exact.
     """
     n, k = words.shape[1], best_d.shape[1]
     mins = np.empty((b_hi - b_lo, q_hi - q_lo), np.int32)
@@ -203,9 +218,12 @@ def _warm_start(words, queries, q_lo, q_hi, b_lo, b_hi, acc, best_d, best_i, all
     for b in range(b_lo, b_hi):
         start = b * BLOCK
         stop = min(start + BLOCK, n)
+        state = 1 if full else _block_allowed(allowed, start, stop)
         for q in range(q_lo, q_hi):
-            if full:
+            if full or state == 1:
                 m = _block_min(words, queries, q, start, stop, acc)
+            elif state == 0:
+                m = np.int32(FAR)
             else:
                 m = _allowed_min(words, queries, q, start, stop, acc, allowed)
             mins[b - b_lo, q - q_lo] = m
