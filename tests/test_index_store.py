@@ -119,7 +119,7 @@ def test_filter_language_is_parameterised_and_rejects_bad_input():
 
 
 def test_bbox_filter_keeps_intersecting_boxes(ucm_run, tmp_path):
-    """Tiles with `bounds_wgs84` go into the R*Tree; a bbox keeps exactly those whose box meets it."""
+    """Tiles with `bounds_wgs84` go into the R*Tree; a bbox keeps exactly the boxes it meets."""
     index = Index.create(tmp_path / "i", ucm_run)
     recs = [
         {"id": f"t{i}", "class": None, "bounds_wgs84": [i * 0.1, 10.0, i * 0.1 + 0.1, 10.1]}
