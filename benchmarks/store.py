@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 from tqdm import tqdm
 
@@ -366,6 +367,8 @@ def report(records: list[dict[str, Any]]) -> str:
         "filter_first_s",
         "disk_mb",
         "build_s",
+        "load_avg",
+        "numba_threads",
     ]
     columns = [(f"{r['store']} {r['n']:.0e}", r) for r in records]
     columns.append(("rshash-index/1 1e+06 (issue 13)", V1_1E6))
@@ -406,7 +409,8 @@ def report(records: list[dict[str, Any]]) -> str:
         "(`filter_first_s`); `filtered_ratio` over the unfiltered rate measured in turn. "
         "Peer: FAISS IndexBinaryIDMap2 + a pickled Python dict (every change rewrites both). "
         "rshash-index/1 figures: issue 13 (same machine); `page_ms` there is 1/20 of a "
-        "20-thumbnail page of lookups.\n\n"
+        "20-thumbnail page of lookups. `load_avg`: the machine's 1-minute load while measuring "
+        "(2 cores, shared with other jobs).\n\n"
     )
     return intro + markdown_table(header, rows) + "\n\nRatios: " + "; ".join(ratios) + "."
 
@@ -426,6 +430,7 @@ def main() -> None:
             if kind == "store"
             else (measure_peer(rest[0], int(rest[1])))
         )
+        out.update(load_avg=os.getloadavg()[0], numba_threads=numba.get_num_threads())
         print(json.dumps(out))
         return
     pool = caption_pool(np.random.default_rng(0))

@@ -254,3 +254,23 @@ def test_ucm_and_rsscn7_through_the_cli(ucm_index, tmp_path):
     assert "captions: ok, items 10500" in r.stdout
     index = Index.open(archive)
     assert len(index) == 2119 and index.item(load_dataset(first).image_ids[0])["year"] == 2020
+
+
+def test_build_streams_batches_into_the_index(ucm_run, tmp_path, monkeypatch):
+    """A build that collected every record before the first write would hold the whole archive
+    in memory; each encoded batch must go into the index as it comes."""
+    ds = load_dataset(make_caption_dataset(tmp_path / "a", per_class=3, classes=(0, 8)))
+    sizes = []
+    real_add = Index.add
+
+    def add(self, collection, codes, items, first_key=None):
+        sizes.append((collection, len(items)))
+        return real_add(self, collection, codes, items, first_key)
+
+    monkeypatch.setattr(Index, "add", add)
+    build_index(ucm_run, ds, tmp_path / "index", BuildConfig(image_batch=4, text_batch=8))
+    assert sizes == [("images", 4), ("images", 2), *[("captions", 8)] * 3, ("captions", 6)]
+    assert check_index(tmp_path / "index") == {
+        "images": {"items": 6, "tombstones": 0, "segments": 1, "pending_rollback": 0},
+        "captions": {"items": 30, "tombstones": 0, "segments": 1, "pending_rollback": 0},
+    }

@@ -31,6 +31,7 @@ from rshash.index import kernels
 from rshash.index.packing import aligned_empty, check_bits, code_bytes, query_words
 
 Hits = tuple[np.ndarray, np.ndarray]  # (distances int32, keys int64)
+_View = tuple[np.ndarray, np.ndarray, np.ndarray]  # (words, keys, allowed bits) to scan
 
 
 class Engine(ABC):
@@ -118,7 +119,7 @@ class ExactEngine(Engine):
         self._words = aligned_empty((self.width // 8, 0))
         self._alive = np.zeros(0, bool)
         self._bits = kernels.allowed_bits(self._alive)
-        self._filter: tuple[np.ndarray | None, np.ndarray] = (None, self._bits)
+        self._filter: tuple[np.ndarray | None, _View] = (None, self._full_view())
 
     @property
     def ntotal(self) -> int:
@@ -139,7 +140,10 @@ class ExactEngine(Engine):
     def _set_alive(self, alive: np.ndarray) -> None:
         self._alive = alive
         self._bits = kernels.allowed_bits(alive)
-        self._filter = (None, self._bits)
+        self._filter = (None, self._full_view())
+
+    def _full_view(self) -> _View:
+        return self._words, self._keys, self._bits
 
     def remove(self, keys: np.ndarray) -> int:
         pos = self._positions(np.asarray(keys, np.int64))
@@ -159,18 +163,30 @@ class ExactEngine(Engine):
         pos, keys = pos[held], keys[held]
         return pos[self._keys[pos] == keys]
 
-    def _allowed(self, allowed: np.ndarray | None) -> np.ndarray:
-        """Bit set of the live items among `allowed` keys (cached for the last filter)."""
+    def _view(self, allowed: np.ndarray | None) -> _View:
+        """(words, keys, allowed bits) to scan for the live items among `allowed` keys.
+
+        A filter that keeps under half of the items gets its codes gathered into a compact
+        word array (a tenth of the archive is then scanned ten times faster); a broader one is
+        a mask over all codes. Cached for the last filter.
+        """
         if allowed is None:
-            return self._bits
-        last, bits = self._filter
+            return self._words, self._keys, self._bits
+        last, view = self._filter
         if last is allowed:
-            return bits
+            return view
         mask = np.zeros(len(self._keys), bool)
         mask[self._positions(allowed)] = True
-        bits = kernels.allowed_bits(mask & self._alive)
-        self._filter = (allowed, bits)
-        return bits
+        mask &= self._alive
+        if 2 * mask.sum() < len(mask):
+            pos = np.flatnonzero(mask)
+            words = aligned_empty((self.width // 8, len(pos)))
+            words[:] = self._words[:, pos]
+            view = (words, self._keys[pos], kernels.allowed_bits(np.ones(len(pos), bool)))
+        else:
+            view = (self._words, self._keys, kernels.allowed_bits(mask))
+        self._filter = (allowed, view)
+        return view
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         words = self._words[:, self._alive]
@@ -181,21 +197,21 @@ class ExactEngine(Engine):
         threads = numba.get_num_threads()
         parts = 1 if len(q) >= threads else threads
         with self._lock:
-            bits = self._allowed(allowed)
-            return kernels.topk(self._words, self._keys, q, k, parts, threads, bits)
+            words, keys, bits = self._view(allowed)
+            return kernels.topk(words, keys, q, k, parts, threads, bits)
 
     def range_search(
         self, queries: np.ndarray, radius: int, allowed: np.ndarray | None = None
     ) -> list[Hits]:
         q = query_words(self._check(queries))
         with self._lock:
-            bits = self._allowed(allowed)
-            counts = kernels.range_counts(self._words, q, radius, bits)
+            words, keys, bits = self._view(allowed)
+            counts = kernels.range_counts(words, q, radius, bits)
             offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
             dist = np.empty(offsets[-1], np.int32)
             pos = np.empty(offsets[-1], np.int64)
-            kernels.range_fill(self._words, q, radius, offsets, dist, pos, bits)
-        return [_order(dist[a:b], self._keys[pos[a:b]]) for a, b in pairwise(offsets)]
+            kernels.range_fill(words, q, radius, offsets, dist, pos, bits)
+        return [_order(dist[a:b], keys[pos[a:b]]) for a, b in pairwise(offsets)]
 
 
 class _FaissEngine(Engine):

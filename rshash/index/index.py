@@ -193,6 +193,7 @@ class Index(Searcher):
         self._local = threading.local()
         self._pending: _Pending | None = None
         self._filters: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._filters_lock = threading.Lock()
 
     # --- what readers see -----------------------------------------------------------------
 
@@ -705,10 +706,11 @@ class Index(Searcher):
         box = check_bbox(bbox) if bbox is not None else None
         gen = int(state.manifest["generation"])
         cache_key = (gen, collection, where, box)
-        hit = self._filters.get(cache_key)
-        if hit is not None:
-            self._filters.move_to_end(cache_key)
-            return hit
+        with self._filters_lock:
+            hit = self._filters.get(cache_key)
+            if hit is not None:
+                self._filters.move_to_end(cache_key)
+                return hit
         sql = f"SELECT rid >> 1 FROM items WHERE rid % 2 = {coll_code(collection)}"
         sql += f" AND {live_sql(gen)}"
         params: list[Any] = []
@@ -731,9 +733,10 @@ class Index(Searcher):
             keys = np.sort(np.fromiter((r[0] for r in rows), np.int64))
         except sqlite3.Error as exc:
             raise RshashError(f"where: {exc}") from None
-        self._filters[cache_key] = keys
-        while len(self._filters) > FILTER_CACHE:
-            self._filters.popitem(last=False)
+        with self._filters_lock:
+            self._filters[cache_key] = keys
+            while len(self._filters) > FILTER_CACHE:
+                self._filters.popitem(last=False)
         return keys
 
     def search_codes(
