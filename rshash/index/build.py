@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from rshash.data.dataset import Dataset
 from rshash.data.images import load_rgb
+from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path, write_json_atomic
@@ -40,9 +41,13 @@ class BuildConfig:
     device: str = "auto"
 
 
-def image_records(ds: Dataset, extra: dict[str, dict[str, Any]] | None = None) -> list[dict]:
+def image_records(
+    ds: Dataset | ImageSource, extra: dict[str, dict[str, Any]] | None = None
+) -> list[dict]:
     """One record per image: id, path, captions, class (when known), and any user fields."""
     extra = extra or {}
+    if not isinstance(ds, Dataset):  # an image source (scene tiles) makes its own records
+        return [{**ds.image_record(i), **extra.get(ds.image_ids[i], {})} for i in range(len(ds))]
     records = []
     for i, image_id in enumerate(ds.image_ids):
         rec: dict[str, Any] = {
@@ -102,7 +107,7 @@ def _prepare_work(work: Path, key: str) -> None:
 
 def encode_archive(
     encoder: CodeEncoder,
-    ds: Dataset,
+    ds: Dataset | ImageSource,
     work: Path,
     cfg: BuildConfig,
     store: FeatureStore | None = None,
@@ -128,8 +133,11 @@ def encode_archive(
     run = encoder.run
 
     def images_from_files(start: int, stop: int) -> np.ndarray:
+        load = (
+            ds.load_image if not isinstance(ds, Dataset) else lambda i: load_rgb(ds.image_paths[i])
+        )
         with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-            imgs = list(pool.map(load_rgb, ds.image_paths[start:stop]))
+            imgs = list(pool.map(load, range(start, stop)))
         return encoder.encode_images(imgs)
 
     def images_from_store(start: int, stop: int) -> np.ndarray:
@@ -176,17 +184,21 @@ def _matching_store(features: str | Path, ds: Dataset, encoder: CodeEncoder) -> 
 
 def _add_archive(
     index: Index,
-    ds: Dataset,
+    ds: Dataset | ImageSource,
     cfg: BuildConfig,
     work: Path,
     features: str | Path | None,
     extra: dict[str, dict[str, Any]] | None,
     progress: bool,
 ) -> int:
-    store = _matching_store(features, ds, index.encoder) if features else None
+    store = (
+        _matching_store(features, ds, index.encoder)
+        if features and isinstance(ds, Dataset)
+        else None
+    )
     image_codes, caption_codes = encode_archive(index.encoder, ds, work, cfg, store, progress)
     index.add("images", image_codes, image_records(ds, extra))
-    if caption_codes is not None:
+    if caption_codes is not None and isinstance(ds, Dataset):
         index.add("captions", caption_codes, caption_records(ds))
     index.commit({"dataset": ds.name, "path": str(ds.source), "images": len(ds)})
     shutil.rmtree(work, ignore_errors=True)
@@ -195,7 +207,7 @@ def _add_archive(
 
 def build_index(
     run_dir: str | Path,
-    ds: Dataset,
+    ds: Dataset | ImageSource,
     out: str | Path,
     cfg: BuildConfig | None = None,
     features: str | Path | None = None,
@@ -212,7 +224,7 @@ def build_index(
 
 def add_to_index(
     index_path: str | Path,
-    ds: Dataset,
+    ds: Dataset | ImageSource,
     cfg: BuildConfig | None = None,
     features: str | Path | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
