@@ -13,6 +13,8 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
+from rshash.errors import DataError
+
 Ring = list[list[float]]
 WGS84 = "EPSG:4326"
 DATE_TAGS = ("TIFFTAG_DATETIME", "ACQUISITIONDATETIME", "ACQUISITION_DATE", "DATE_ACQUIRED")
@@ -79,3 +81,27 @@ def acquired_date(tags: Mapping[str, str]) -> str | None:
         if match:
             return "-".join(match.groups())
     return None
+
+
+BBox = tuple[float, float, float, float]
+
+
+def check_bbox(values: Sequence[float], field: str = "bbox") -> BBox:
+    """(minlon, minlat, maxlon, maxlat) in WGS84 degrees, or a one-line error naming `field`."""
+    if len(values) != 4:
+        raise DataError(f"{field}: expected 4 numbers minlon,minlat,maxlon,maxlat")
+    minlon, minlat, maxlon, maxlat = (float(v) for v in values)
+    if not (-180 <= minlon <= maxlon <= 180 and -90 <= minlat <= maxlat <= 90):
+        raise DataError(
+            f"{field}: expected -180 ≤ minlon ≤ maxlon ≤ 180 and -90 ≤ minlat ≤ maxlat ≤ 90"
+        )
+    return minlon, minlat, maxlon, maxlat
+
+
+def parse_bbox(text: str, field: str = "bbox") -> BBox:
+    """'minlon,minlat,maxlon,maxlat' → a WGS84 box, or a one-line error naming `field`."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise DataError(f"{field}: expected minlon,minlat,maxlon,maxlat, got {text!r}") from None
+    return check_bbox(values, field)
