@@ -132,8 +132,8 @@ def write_mosaic(
 
     transform = (
         Affine.translation(*origin)
-        * Affine.rotation(rotation)
-        * Affine.scale(RESOLUTION, -RESOLUTION)
+        @ Affine.rotation(rotation)
+        @ Affine.scale(RESOLUTION, -RESOLUTION)
     )
     profile = {
         "driver": "GTiff",
@@ -203,7 +203,10 @@ def write_small(path: Path, size: int = 200) -> Path:
 
 
 def write_truncated(path: Path, source: Path) -> Path:
-    """A copy of `source` cut off at 60% of its bytes, as an interrupted download leaves it."""
+    """A copy of `source` cut off at 60% of its bytes, as an interrupted download leaves it.
+
+    A COG (header first) keeps a readable header; a plain GeoTIFF from GDAL loses its header,
+    which GDAL writes last."""
     data = source.read_bytes()
     path.write_bytes(data[: int(len(data) * 0.6)])
     return path
@@ -221,3 +224,7 @@ def scene_folder(root: Path, name: str, *files: Path) -> Path:
     for f in files:
         shutil.copy(f, folder / f.name)
     return folder
+
+
+# A second scene in another CRS (UTM 32N, Munich) for archives mixing CRSs.
+MUNICH = {"crs": "EPSG:32632", "origin": (691_000.0, 5_336_000.0)}

@@ -204,7 +204,7 @@ def scan_scene(path: Path, cfg: TileConfig) -> Scene:
             raise DataError(
                 f"{path}: no {cfg.tile}-px tile is at least {cfg.min_valid:.0%} valid pixels"
             )
-        cx, cy = src.transform * (src.width / 2, src.height / 2)
+        cx, cy = src.transform @ (src.width / 2, src.height / 2)
         lon, lat = to_wgs84(src.crs, np.array([cx]), np.array([cy]))
         return Scene(
             path=path.resolve(),
@@ -280,12 +280,11 @@ class SceneTiles:
         paths = find_scenes(source)
         self.source = Path(source) if isinstance(source, Path) else paths[0].parent
         self.name = name or self.source.stem
-        with warnings.catch_warnings():
+        # the bar shows only when scanning takes a while, and is closed before any error
+        bar = tqdm(paths, desc="scan scenes", unit="scene", disable=not progress, delay=2.0)
+        with warnings.catch_warnings(), bar:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            self.scenes = [
-                scan_scene(p, self.cfg)
-                for p in tqdm(paths, desc="scan scenes", unit="scene", disable=not progress)
-            ]
+            self.scenes = [scan_scene(p, self.cfg) for p in bar]
         self._ends = np.cumsum([len(s) for s in self.scenes])
         self.image_ids = tuple(
             f"{s.name}/r{r}_c{c}" for s in self.scenes for r, c in zip(s.rows, s.cols, strict=True)
