@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pyproj import Transformer
 
 from tests.conftest import UCM
 
@@ -228,3 +229,29 @@ def scene_folder(root: Path, name: str, *files: Path) -> Path:
 
 # A second scene in another CRS (UTM 32N, Munich) for archives mixing CRSs.
 MUNICH = {"crs": "EPSG:32632", "origin": (691_000.0, 5_336_000.0)}
+
+
+QUARTER = CELL * RESOLUTION / 4
+
+
+def box_around(
+    cells: list[tuple[int, int]],
+    layout: Mosaic | None = None,
+    crs: str = CRS,
+    origin: tuple[float, float] | None = None,
+) -> tuple[float, float, float, float]:
+    """WGS84 (minlon, minlat, maxlon, maxlat) of the cells' extent shrunk by a quarter cell, so
+    only their tiles meet it (neighbours stay a quarter cell away)."""
+    layout = layout or mosaic_layout()
+    kwargs = {"origin": origin} if origin else {}
+    bounds = [layout.cell_bounds(r, c, **kwargs) for r, c in cells]
+    minx, miny = min(b[0] for b in bounds) + QUARTER, min(b[1] for b in bounds) + QUARTER
+    maxx, maxy = max(b[2] for b in bounds) - QUARTER, max(b[3] for b in bounds) - QUARTER
+    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(
+        [minx, minx, maxx, maxx], [miny, maxy, miny, maxy]
+    )
+    return (min(lon), min(lat), max(lon), max(lat))
+
+
+CORNER = [(r, c) for r in range(3) for c in range(3)]
+CORNER_IDS = {Mosaic(10, ()).tile_id("mosaic", r, c) for r, c in CORNER}  # its upper-left 3 x 3

@@ -10,33 +10,19 @@ from __future__ import annotations
 import json
 
 import httpx
-from pyproj import Transformer
+import pytest
 
 from rshash.index import Index
 from rshash.service import ServiceConfig
 from tests.conftest import UCM, rshash_cli
-from tests.scenes_data import CELL, CRS, MUNICH, RESOLUTION, mosaic_layout
+from tests.scenes_data import CORNER, CORNER_IDS, MUNICH, box_around, mosaic_layout
 from tests.service_server import running_service
+from tests.test_scenes_web import browser as chromium
+from tests.test_scenes_web import drag_box, search, zoom_to
+
+browser = chromium  # the map tests' Chromium fixture, under the name tests ask for
 
 MOSAIC = mosaic_layout()
-QUARTER = CELL * RESOLUTION / 4
-
-
-def box_around(cells: list[tuple[int, int]], layout=MOSAIC, crs=CRS, origin=None):
-    """WGS84 (minlon, minlat, maxlon, maxlat) of the cells' extent shrunk by a quarter cell, so
-    only their tiles meet it (neighbours stay a quarter cell away)."""
-    kwargs = {"origin": origin} if origin else {}
-    bounds = [layout.cell_bounds(r, c, **kwargs) for r, c in cells]
-    minx, miny = min(b[0] for b in bounds) + QUARTER, min(b[1] for b in bounds) + QUARTER
-    maxx, maxy = max(b[2] for b in bounds) - QUARTER, max(b[3] for b in bounds) - QUARTER
-    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(
-        [minx, minx, maxx, maxx], [miny, maxy, miny, maxy]
-    )
-    return (min(lon), min(lat), max(lon), max(lat))
-
-
-CORNER = [(r, c) for r in range(3) for c in range(3)]
-CORNER_IDS = {MOSAIC.tile_id("mosaic", r, c) for r, c in CORNER}
 
 
 def test_bbox_around_a_corner_returns_only_that_corners_tiles(scene_index):
@@ -90,3 +76,24 @@ def test_cli_and_service_pass_the_bbox(scene_index):
                 data={"k": "50", "bbox": ",".join(map(str, box)), "format": "geojson"},
             ).json()
         assert {f["id"] for f in answer["features"]} == CORNER_IDS
+
+
+@pytest.mark.slow
+def test_box_drawn_on_the_map_filters_the_hits(browser, scene_index):
+    """Guards against the page's drawn box not filtering: after drawing a box around one corner
+    of the mosaic, every card shown is a tile of that corner."""
+    with running_service(scene_index, ServiceConfig(device="cpu")) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        search(page, url, "a parking lot")
+        box = box_around(CORNER)
+        zoom_to(page, box)
+        with page.expect_response("**/search/text") as response:
+            drag_box(page, box)
+        assert response.value.ok
+        page.wait_for_function(
+            "document.getElementById('message').textContent.includes('9 results')"
+        )
+        ids = page.eval_on_selector_all("#results .card", "cs => cs.map(c => c.dataset.id)")
+        assert set(ids) == CORNER_IDS
+        assert page.locator("path.footprint").count() == 9
+        page.close()

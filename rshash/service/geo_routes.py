@@ -8,6 +8,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -90,6 +91,11 @@ def geo_router(item_of: Callable[[str], dict[str, Any]], cache: Path) -> APIRout
     def scene_overview_png(item: str) -> FileResponse:
         png, _ = _overview(tile(item), cache)
         return FileResponse(png, media_type="image/png")
+
+    @router.get("/static/map.js", include_in_schema=False)
+    def map_script() -> Response:
+        script = files("rshash.service").joinpath("static/map.js").read_text(encoding="utf-8")
+        return Response(script, media_type="text/javascript")
 
     @router.get("/static/vendor/leaflet/{name:path}", include_in_schema=False)
     def leaflet(name: str) -> FileResponse:
