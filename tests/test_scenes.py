@@ -107,10 +107,12 @@ def test_cog_gives_the_same_tiles_as_the_plain_geotiff(scene_files):
     """Guards against the cloud-optimised layout (512-px blocks, overviews) changing what a tile
     holds or where it is."""
     plain, cog = SceneTiles(scene_files["mosaic"]), SceneTiles(scene_files["cog"])
-    assert [i.split("/")[1] for i in cog.image_ids] == [i.split("/")[1] for i in plain.image_ids]
+    windows = [i.split("/")[1] for i in plain.image_ids]
+    assert sorted(i.split("/")[1] for i in cog.image_ids) == sorted(windows)
     for i in (0, 37, 99):
-        assert cog.image_record(i)["footprint_wgs84"] == plain.image_record(i)["footprint_wgs84"]
-        assert np.array_equal(np.asarray(cog.load_image(i)), np.asarray(plain.load_image(i)))
+        j = cog.image_ids.index("mosaic-cog/" + windows[i])
+        assert cog.image_record(j)["footprint_wgs84"] == plain.image_record(i)["footprint_wgs84"]
+        assert np.array_equal(np.asarray(cog.load_image(j)), np.asarray(plain.load_image(i)))
 
 
 def test_rotated_scene_footprints_come_from_all_four_corners(scene_files):

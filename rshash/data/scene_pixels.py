@@ -4,6 +4,7 @@ from its scene (thumbnails), and a scene's overview warped for a web map."""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,9 @@ from rasterio.windows import Window
 
 from rshash.errors import DataError
 
+# GDAL's block cache defaults to 5% of RAM; tiles are read block by block and need far less, so
+# cap it (unless the user set it) to keep memory flat in scene size.
+os.environ.setdefault("GDAL_CACHEMAX", "256")
 Stretch = list[list[float]] | None
 PERCENTILES = (2.0, 98.0)
 

@@ -200,6 +200,11 @@ def scan_scene(path: Path, cfg: TileConfig) -> Scene:
             rows, cols = rows[keep >= cfg.min_valid], cols[keep >= cfg.min_valid]
             if not eight_bit:
                 stretch = percentile_stretch(np.ma.getdata(sample), valid, cfg.percentiles)
+        # block by block (all tiles of one block row and column, then the next), so GDAL's block
+        # cache only ever needs the blocks under a few tiles, whatever the scene's size
+        bh, bw = src.block_shapes[0]
+        order = np.lexsort((cols, rows, cols // bw, rows // bh))
+        rows, cols = rows[order], cols[order]
         if len(rows) == 0:
             raise DataError(
                 f"{path}: no {cfg.tile}-px tile is at least {cfg.min_valid:.0%} valid pixels"
