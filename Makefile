@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+NODE_STAMP := node_modules/.installed-stamp
 
 .PHONY: setup demo test lint bench clean
 
@@ -12,7 +13,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Leaflet for the web page's map, from the npm registry (served by the app, never committed).
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+setup: $(STAMP) $(NODE_STAMP)
 
 demo: setup
 	$(PY) -m rshash.demo
@@ -26,4 +32,4 @@ lint: setup
 	$(VENV)/bin/mypy rshash
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache node_modules

@@ -294,6 +294,46 @@ def audit(
         typer.echo(f"  {r.score:.3f}  {r.image_id} [{r.class_name}] {r.caption}")
 
 
+Tile = Annotated[
+    int | None,
+    typer.Option(
+        help="DATA is a GeoTIFF scene or a folder of them: cut into tiles of this many px."
+    ),
+]
+Stride = Annotated[
+    int | None, typer.Option(help="Scenes: px from one tile to the next (default: --tile).")
+]
+Bands = Annotated[
+    str | None,
+    typer.Option(
+        help="Scenes: 1-based bands shown as red, green, blue, e.g. 3,2,1 (default 1,2,3)."
+    ),
+]
+
+
+def _archive(
+    data: Path,
+    skip_bad: bool,
+    tile: int | None,
+    stride: int | None,
+    bands: str | None,
+    features: Path | None,
+) -> Any:
+    """The dataset at DATA, or with --tile the tiles of the GeoTIFF scenes at DATA."""
+    if tile is None:
+        from rshash.data import load_dataset
+
+        if stride is not None or bands is not None:
+            raise RshashError("--stride, --bands: only with --tile (scenes)")
+        return load_dataset(data, skip_bad=skip_bad)
+    from rshash.data.scenes import SceneTiles, TileConfig, parse_bands
+
+    if features is not None:
+        raise RshashError("--features: not with --tile (scene tiles are encoded from the scenes)")
+    cfg = TileConfig(tile=tile, stride=stride, bands=parse_bands(bands))
+    return SceneTiles(data, cfg, progress=True)
+
+
 @index_app.command("build")
 def index_build(
     run: Annotated[Path, typer.Argument(help="Trained run directory.")],
@@ -306,12 +346,14 @@ def index_build(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    tile: Tile = None,
+    stride: Stride = None,
+    bands: Bands = None,
 ) -> None:
     """Encode every image (and caption) of DATA with RUN's model into a new index."""
-    from rshash.data import load_dataset
     from rshash.index.build import BuildConfig, build_index, read_extra_fields
 
-    ds = load_dataset(data, skip_bad=skip_bad)
+    ds = _archive(data, skip_bad, tile, stride, bands, features)
     params = {"nprobe": nprobe} if engine == "faiss-ivf" else {}
     cfg = BuildConfig(engine=engine, engine_params=params, image_batch=batch_size, device=device)
     index = build_index(run, ds, out, cfg, features, read_extra_fields(fields, ds.image_ids))
@@ -327,12 +369,14 @@ def index_add(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    tile: Tile = None,
+    stride: Stride = None,
+    bands: Bands = None,
 ) -> None:
     """Encode DATA with the index's own model and add it, without rebuilding."""
-    from rshash.data import load_dataset
     from rshash.index.build import BuildConfig, add_to_index, read_extra_fields
 
-    ds = load_dataset(data, skip_bad=skip_bad)
+    ds = _archive(data, skip_bad, tile, stride, bands, features)
     cfg = BuildConfig(image_batch=batch_size, device=device)
     idx, added = add_to_index(index, ds, cfg, features, read_extra_fields(fields, ds.image_ids))
     typer.echo(f"added {added} images")
@@ -438,6 +482,10 @@ def search(
     ] = None,
     as_json: AsJson = False,
     device: Device = "auto",
+    output: Annotated[
+        str,
+        typer.Option("--format", help="table, json, or geojson (a FeatureCollection for QGIS)."),
+    ] = "table",
 ) -> None:
     """Nearest images (or captions) to a text or an image query, by Hamming distance."""
     from rshash.index import Index
@@ -445,6 +493,7 @@ def search(
     if (text is None) == (image is None):
         raise RshashError("give either a text query or --image FILE")
     _check_choice("--target", target, ("images", "captions"))
+    _check_choice("--format", output, ("table", "json", "geojson"))
     if radius is None and k <= 0:
         raise RshashError(f"-k: expected a positive number of results, got {k}")
     box = _bbox(bbox) if bbox is not None else None
@@ -454,7 +503,12 @@ def search(
     else:
         assert text is not None
         hits = idx.search_text(text, k, target, radius, where=where, bbox=box)
-    if as_json:
+    if output == "geojson":
+        from rshash.service.geojson import feature_collection
+
+        typer.echo(json.dumps(feature_collection(h.to_dict() for h in hits), ensure_ascii=False))
+        return
+    if as_json or output == "json":
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
     for rank, h in enumerate(hits, 1):

@@ -127,3 +127,41 @@ def _index_of(path: Path, run: Path) -> bool:
         return False
     info = json.loads(manifest.read_text())
     return info.get("format") == FORMAT and info["model"]["fingerprint"] == model_fingerprint(run)
+
+
+@pytest.fixture(scope="session")
+def scene_files(tmp_path_factory: pytest.TempPathFactory, ucm_path: Path) -> dict[str, Path]:
+    """Real GeoTIFFs of real UCM images (tests/scenes_data.py), good and bad (seconds)."""
+    from tests import scenes_data as sd
+
+    root = tmp_path_factory.mktemp("scenes")
+    mosaic = sd.mosaic_layout()
+    return {
+        "mosaic": sd.write_mosaic(root / "mosaic.tif", mosaic),
+        "mosaic16": sd.write_mosaic(root / "mosaic16.tif", mosaic, sixteen_bit=True),
+        "cog": sd.write_cog(root / "mosaic-cog.tif", mosaic),
+        "munich": sd.write_mosaic(
+            root / "munich.tif", sd.mosaic_layout(4, shift=1), **sd.MUNICH, acquired=None
+        ),
+        "rotated": sd.write_mosaic(root / "rotated.tif", sd.mosaic_layout(3), rotation=30.0),
+        "plain": sd.write_mosaic(root / "plain.tif", sd.mosaic_layout(2), crs=None),
+        "small": sd.write_small(root / "small.tif"),
+        "truncated": sd.write_truncated(root / "truncated.tif", root / "mosaic-cog.tif"),
+        "cut_header": sd.write_truncated(root / "cut.tif", root / "mosaic.tif"),
+        "not_tiff": sd.write_not_a_tiff(root / "broken.tif"),
+    }
+
+
+@pytest.fixture(scope="session")
+def scene_index(ucm_run: Path, scene_files: dict[str, Path]) -> Path:
+    """The 10 x 10 mosaic (UTM 11N) and the 4 x 4 one (UTM 32N) as 256-px tiles (a minute)."""
+    from rshash.data.scenes import SceneTiles
+    from rshash.index.build import build_index
+    from tests.scenes_data import scene_folder
+
+    root = scene_files["mosaic"].parent
+    folder = scene_folder(root, "archive", scene_files["mosaic"], scene_files["munich"])
+    out = root / "index"
+    if not (out / "index.json").exists():
+        build_index(ucm_run, SceneTiles(folder), out, progress=False)
+    return out

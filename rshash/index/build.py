@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path, write_json_atomic
@@ -32,28 +32,6 @@ from rshash.index.index import Index, model_fingerprint
 from rshash.index.packing import pack_codes
 
 T = TypeVar("T")
-
-
-class ImageSource(Protocol):
-    """What the build encodes: images with records, and zero or more captions each."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def source(self) -> Path: ...
-
-    @property
-    def image_ids(self) -> Sequence[str]: ...
-
-    @property
-    def captions(self) -> Sequence[Sequence[str]]: ...
-
-    def __len__(self) -> int: ...
-
-    def load_image(self, i: int) -> Image.Image: ...
-
-    def image_record(self, i: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from urllib.parse import quote
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
-from rshash.service.thumbnails import thumbnail
+from rshash.service.geo_routes import bbox_filter, geo_router, render, tile_png
+from rshash.service.thumbnails import thumbnail_of
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/tiff", "image/webp", "image/bmp", "image/gif"}
 
@@ -39,6 +40,13 @@ class TextQuery(BaseModel):
     query: str = Field(min_length=1, description="What to look for, in words.")
     k: int = Field(default=20, ge=1, description="Number of results.")
     collection: Literal["images", "captions"] = "images"
+    bbox: list[float] | None = Field(
+        default=None,
+        description="Keep items whose WGS84 bounds meet [minlon, minlat, maxlon, maxlat].",
+    )
+    format: Literal["json", "geojson"] = Field(
+        default="json", description="geojson: the results as a FeatureCollection (QGIS opens it)."
+    )
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -115,17 +123,21 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         if len(q.query) > cfg.max_query_chars:
             raise HTTPException(422, f"query: longer than {cfg.max_query_chars} characters")
         check_k(q.k)
+        filters = bbox_filter(q.bbox)
         async with lock:
-            hits = await run_in_threadpool(index.search_text, q.query, q.k, q.collection)
-        return answer(hits, query=q.query, k=q.k, collection=q.collection)
+            hits = await run_in_threadpool(index.search_text, q.query, q.k, q.collection, **filters)
+        return render(answer(hits, query=q.query, k=q.k, collection=q.collection), q.format)
 
     @app.post("/search/image")
     async def search_image(
         file: Annotated[UploadFile, File(description="Query image (JPEG, PNG, TIFF, ...)")],
         k: Annotated[int, Form()] = 20,
         collection: Annotated[Literal["images", "captions"], Form()] = "images",
+        bbox: Annotated[str | None, Form(description="minlon,minlat,maxlon,maxlat")] = None,
+        format: Annotated[Literal["json", "geojson"], Form()] = "json",
     ) -> dict[str, Any]:
         check_k(k)
+        filters = bbox_filter(bbox)
         if file.content_type not in IMAGE_TYPES:
             raise HTTPException(
                 415,
@@ -138,23 +150,25 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
                 413, f"upload {file.filename!r}: larger than {cfg.max_upload_bytes} bytes"
             )
         async with lock:
-            hits = await run_in_threadpool(index.search_image, data, k, collection)
-        return answer(hits, k=k, collection=collection, filename=file.filename)
+            hits = await run_in_threadpool(index.search_image, data, k, collection, **filters)
+        return render(answer(hits, k=k, collection=collection, filename=file.filename), format)
 
     @app.get("/items/{item_id:path}/thumbnail", response_class=FileResponse)
     def item_thumbnail(item_id: str) -> FileResponse:
         item = item_of(item_id)
-        path = thumbnail(Path(item["path"]), thumbs, cfg.thumbnail_size)
+        path = thumbnail_of(item, thumbs, cfg.thumbnail_size)
         return FileResponse(
             path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
         )
 
-    @app.get("/items/{item_id:path}/image", response_class=FileResponse)
-    def item_image(item_id: str) -> FileResponse:
-        return FileResponse(item_of(item_id)["path"])
+    @app.get("/items/{item_id:path}/image", response_model=None)
+    def item_image(item_id: str) -> FileResponse | Response:
+        item = item_of(item_id)
+        return tile_png(item) if "window" in item else FileResponse(item["path"])
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str) -> dict[str, Any]:
         return item_of(item_id)
 
+    app.include_router(geo_router(item_of, thumbs))
     return app

@@ -1,0 +1,113 @@
+"""Scene pixels → RGB images: band choice, the per-scene percentile stretch, one tile cut again
+from its scene (thumbnails), and a scene's overview warped for a web map."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from rshash.errors import DataError
+
+# GDAL's block cache defaults to 5% of RAM; tiles are read block by block and need far less, so
+# cap it (unless the user set it) to keep memory flat in scene size.
+os.environ.setdefault("GDAL_CACHEMAX", "256")
+Stretch = list[list[float]] | None
+PERCENTILES = (2.0, 98.0)
+
+
+def percentile_stretch(
+    sample: np.ndarray, valid: np.ndarray, percentiles: tuple[float, float] = PERCENTILES
+) -> list[list[float]]:
+    """Per band [lo, hi] at the given percentiles of the valid pixels of a (bands, h, w) sample."""
+    out = []
+    for band in sample:
+        values = band[valid & np.isfinite(band)]
+        if values.size == 0:
+            out.append([0.0, 1.0])
+            continue
+        lo, hi = np.percentile(values, percentiles)
+        out.append([float(lo), float(hi) if hi > lo else float(lo) + 1.0])
+    return out
+
+
+def to_rgb(data: np.ndarray, stretch: Stretch, nodata: float | None = None) -> Image.Image:
+    """(1 or 3, h, w) pixels → RGB image: as is without a stretch (8-bit), else each band mapped
+    linearly from [lo, hi] to [0, 255]; nodata and NaN become black."""
+    if stretch is None:
+        rgb = data.astype(np.uint8, copy=False)
+    else:
+        lo = np.asarray([s[0] for s in stretch], np.float32)[:, None, None]
+        scale = 255.0 / (np.asarray([s[1] for s in stretch], np.float32)[:, None, None] - lo)
+        scaled = (data.astype(np.float32) - lo) * scale
+        if nodata is not None:
+            scaled[data == nodata] = 0.0
+        rgb = np.nan_to_num(np.clip(scaled, 0.0, 255.0), nan=0.0).astype(np.uint8)
+    if rgb.shape[0] == 1:
+        rgb = np.repeat(rgb, 3, axis=0)
+    return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
+
+
+def open_scene(path: str | Path) -> Any:
+    """rasterio dataset of a scene, or a one-line DataError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise DataError(f"{path}: not a readable GeoTIFF ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_window(
+    src: Any, bands: Sequence[int], row: int, col: int, height: int, width: int
+) -> np.ndarray:
+    """(bands, height, width) pixels of one window, or a DataError naming the scene."""
+    try:
+        return np.asarray(src.read(list(bands), window=Window(col, row, width, height)))
+    except rasterio.errors.RasterioError as exc:
+        raise DataError(
+            f"{src.name}: cannot read window row {row}, col {col} ({_first_line(exc)})"
+        ) from None
+
+
+def read_tile(record: Mapping[str, Any]) -> Image.Image:
+    """A tile record's RGB image, cut again from its scene with the record's bands and stretch."""
+    w = record["window"]
+    with open_scene(record["path"]) as src:
+        data = read_window(src, record["bands"], w["row"], w["col"], w["height"], w["width"])
+        return to_rgb(data, record.get("stretch"), src.nodata)
+
+
+def render_overview(
+    path: str | Path, bands: Sequence[int], stretch: Stretch, max_size: int = 1024
+) -> tuple[Image.Image, list[float]]:
+    """The whole scene warped to Web Mercator and shrunk to at most `max_size` px (from its
+    overviews when it has them), as RGBA (nodata transparent), with its [minlon, minlat, maxlon,
+    maxlat]: a web map can lay it exactly over its bounds."""
+    from rasterio.vrt import WarpedVRT
+    from rasterio.warp import transform_bounds
+
+    with open_scene(path) as src, WarpedVRT(src, crs="EPSG:3857", add_alpha=True) as vrt:
+        scale = max(vrt.width, vrt.height) / max_size
+        h, w = max(1, math.ceil(vrt.height / scale)), max(1, math.ceil(vrt.width / scale))
+        data = vrt.read(list(bands), out_shape=(len(bands), h, w), resampling=Resampling.average)
+        alpha = vrt.read(vrt.count, out_shape=(h, w), resampling=Resampling.nearest)
+        rgb = np.asarray(to_rgb(data, stretch, src.nodata))
+        bounds = transform_bounds(vrt.crs, "EPSG:4326", *vrt.bounds)
+        if src.nodata is not None:
+            alpha = np.where((data == src.nodata).all(axis=0), 0, alpha)
+    rgba = np.dstack([rgb, alpha.astype(np.uint8)])
+    return Image.fromarray(rgba, "RGBA"), [round(float(b), 8) for b in bounds]
