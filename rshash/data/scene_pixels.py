@@ -52,9 +52,9 @@ def to_rgb(data: np.ndarray, stretch: Stretch, nodata: float | None = None) -> I
         if nodata is not None:
             scaled[data == nodata] = 0.0
         rgb = np.nan_to_num(np.clip(scaled, 0.0, 255.0), nan=0.0).astype(np.uint8)
-    if rgb.shape[0] == 1:
-        rgb = np.repeat(rgb, 3, axis=0)
-    return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
+    # one 8-bit image per band, merged by PIL: far cheaper than transposing to (h, w, 3) in numpy
+    bands = [Image.fromarray(np.ascontiguousarray(b)) for b in rgb]
+    return Image.merge("RGB", bands * 3 if len(bands) == 1 else bands)
 
 
 def open_scene(path: str | Path) -> Any:
