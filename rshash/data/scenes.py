@@ -228,8 +228,10 @@ def scan_scene(path: Path, cfg: TileConfig) -> Scene:
         )
 
 
-def find_scenes(source: Path | Sequence[Path]) -> list[Path]:
+def find_scenes(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Scene files: a folder's *.tif / *.tiff (not recursive), one file, or a list of files."""
+    if isinstance(source, str):
+        source = Path(source)
     if not isinstance(source, Path):
         paths = [Path(p) for p in source]
     elif source.is_dir():
@@ -275,7 +277,7 @@ class SceneTiles:
 
     def __init__(
         self,
-        source: Path | Sequence[Path],
+        source: str | Path | Sequence[str | Path],
         cfg: TileConfig | None = None,
         name: str | None = None,
         progress: bool = False,
@@ -283,7 +285,7 @@ class SceneTiles:
         self.cfg = cfg or TileConfig()
         self.cfg.check()
         paths = find_scenes(source)
-        self.source = Path(source) if isinstance(source, Path) else paths[0].parent
+        self.source = Path(source) if isinstance(source, str | Path) else paths[0].parent
         self.name = name or self.source.stem
         # the bar shows only when scanning takes a while, and is closed before any error
         bar = tqdm(paths, desc="scan scenes", unit="scene", disable=not progress, delay=2.0)
