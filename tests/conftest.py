@@ -148,6 +148,7 @@ def scene_files(tmp_path_factory: pytest.TempPathFactory, ucm_path: Path) -> dic
         "small": sd.write_small(root / "small.tif"),
         "truncated": sd.write_truncated(root / "truncated.tif", root / "mosaic-cog.tif"),
         "cut_header": sd.write_truncated(root / "cut.tif", root / "mosaic.tif"),
+        "corrupt": sd.write_corrupt(root / "corrupt.tif", root / "mosaic-cog.tif"),
         "not_tiff": sd.write_not_a_tiff(root / "broken.tif"),
     }
 

@@ -213,6 +213,19 @@ def write_truncated(path: Path, source: Path) -> Path:
     return path
 
 
+def write_corrupt(path: Path, source: Path) -> Path:
+    """A copy of the COG `source` with garbage inside one full-resolution block: its header,
+    block table and overviews are intact, so only reading that block fails."""
+    import rasterio
+
+    with rasterio.open(source) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
+    data = bytearray(source.read_bytes())
+    data[offset : offset + 400] = bytes(range(200)) * 2
+    path.write_bytes(bytes(data))
+    return path
+
+
 def write_not_a_tiff(path: Path) -> Path:
     path.write_bytes(b"II*\x00" + b"\x17" * 1000)  # a TIFF signature, then garbage
     return path

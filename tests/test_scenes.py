@@ -162,6 +162,28 @@ def test_bad_scene_is_refused_with_one_line_naming_the_file(scene_files, tmp_pat
     assert expected in message and "\n" not in message
 
 
+def test_corrupt_block_fails_the_add_and_leaves_the_index_as_it_was(
+    scene_index, scene_files, tmp_path
+):
+    """Guards against a scene that passes the scan but has a corrupt block deep inside leaving
+    a half-added index: the add fails naming the file, and the index is unchanged."""
+    import shutil
+
+    from rshash.index import Index
+    from rshash.index.build import BuildConfig, add_to_index
+
+    index = tmp_path / "index"
+    shutil.copytree(scene_index, index)
+    before = (index / "index.json").read_text()
+    tiles = SceneTiles(scene_files["corrupt"])  # header, block table and overviews are fine
+    with pytest.raises(DataError) as err:
+        add_to_index(index, tiles, BuildConfig(device="cpu"), progress=False)
+    assert str(err.value).startswith(str(scene_files["corrupt"].resolve()))
+    assert "cannot read window" in str(err.value) and "\n" not in str(err.value)
+    assert (index / "index.json").read_text() == before
+    assert len(Index.open(index, device="cpu")) == 116
+
+
 def test_stride_overlaps_tiles_and_the_last_tile_meets_the_edge(scene_files):
     """Guards against a stride ignored, windows outside the scene, or the strip at the right and
     bottom edges left out when the scene is not a whole number of tiles."""

@@ -3,6 +3,8 @@ from its scene (thumbnails), and a scene's overview warped for a web map."""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import warnings
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from PIL import Image
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 
 from rshash.errors import DataError
@@ -40,11 +42,28 @@ def percentile_stretch(
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _lookup_tables(stretch: str, nodata: float | None, dtype: str) -> list[np.ndarray]:
+    """Per band, the 8-bit value of every 16-bit value under a stretch (nodata → 0)."""
+    values = np.arange(65536, dtype=np.float32) - (32768 if np.dtype(dtype) == np.int16 else 0)
+    luts = []
+    for lo, hi in json.loads(stretch):
+        lut = np.clip((values - lo) * (255.0 / (hi - lo)), 0.0, 255.0).astype(np.uint8)
+        if nodata is not None and values[0] <= nodata <= values[-1]:
+            lut[int(nodata - values[0])] = 0
+        luts.append(lut)
+    return luts
+
+
 def to_rgb(data: np.ndarray, stretch: Stretch, nodata: float | None = None) -> Image.Image:
     """(1 or 3, h, w) pixels → RGB image: as is without a stretch (8-bit), else each band mapped
     linearly from [lo, hi] to [0, 255]; nodata and NaN become black."""
     if stretch is None:
         rgb = data.astype(np.uint8, copy=False)
+    elif data.dtype in (np.uint16, np.int16):  # a lookup table per band: no float pass per tile
+        luts = _lookup_tables(json.dumps(stretch), nodata, data.dtype.str)
+        index = data.astype(np.int32) + 32768 if data.dtype == np.int16 else data
+        rgb = np.stack([np.take(lut, band) for lut, band in zip(luts, index, strict=True)])
     else:
         lo = np.asarray([s[0] for s in stretch], np.float32)[:, None, None]
         scale = 255.0 / (np.asarray([s[1] for s in stretch], np.float32)[:, None, None] - lo)
@@ -52,9 +71,9 @@ def to_rgb(data: np.ndarray, stretch: Stretch, nodata: float | None = None) -> I
         if nodata is not None:
             scaled[data == nodata] = 0.0
         rgb = np.nan_to_num(np.clip(scaled, 0.0, 255.0), nan=0.0).astype(np.uint8)
-    if rgb.shape[0] == 1:
-        rgb = np.repeat(rgb, 3, axis=0)
-    return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
+    # one 8-bit image per band, merged by PIL: far cheaper than transposing to (h, w, 3) in numpy
+    bands = [Image.fromarray(np.ascontiguousarray(b)) for b in rgb]
+    return Image.merge("RGB", bands * 3 if len(bands) == 1 else bands)
 
 
 def open_scene(path: str | Path) -> Any:
@@ -81,6 +100,47 @@ def read_window(
         raise DataError(
             f"{src.name}: cannot read window row {row}, col {col} ({_first_line(exc)})"
         ) from None
+
+
+def decimated_view(
+    src: Any, bands: Sequence[int], factor: int, chunk: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every `factor`-th pixel of the scene (bands, ceil(h/f), ceil(w/f)) and where it is valid.
+
+    With overviews, GDAL reads them. Without, GDAL's own decimated read decodes blocks several
+    times over, so the scene is read once in block-aligned chunks (a multiple of `factor`, a
+    power of two) and subsampled here: one decode of the scene, and memory of one chunk.
+    """
+    h, w = math.ceil(src.height / factor), math.ceil(src.width / factor)
+    if src.overviews(bands[0]):
+        sample = src.read(
+            list(bands), out_shape=(len(bands), h, w), masked=True, resampling=Resampling.nearest
+        )
+        return np.ma.getdata(sample), np.asarray(~np.ma.getmaskarray(sample).any(axis=0), bool)
+    bh, bw = src.block_shapes[0]
+    striped = bw == src.width
+    ch = max(chunk if not striped else 256, -(-bh // factor) * factor)
+    cw = src.width if striped else chunk
+    sample = np.empty((len(bands), h, w), src.dtypes[bands[0] - 1])
+    valid = np.empty((h, w), bool)
+    use_mask = src.nodata is None and any(
+        MaskFlags.all_valid not in src.mask_flag_enums[b - 1] for b in bands
+    )
+    for row in range(0, src.height, ch):
+        for col in range(0, src.width, cw):
+            win = Window(col, row, min(cw, src.width - col), min(ch, src.height - row))
+            data = src.read(list(bands), window=win)[:, ::factor, ::factor]
+            ok = np.ones(data.shape[1:], bool)
+            if src.nodata is not None:
+                ok &= (data != src.nodata).all(axis=0)
+            if use_mask:
+                ok &= src.dataset_mask(window=win)[::factor, ::factor] > 0
+            if data.dtype.kind == "f":
+                ok &= np.isfinite(data).all(axis=0)
+            r, c = row // factor, col // factor
+            sample[:, r : r + data.shape[1], c : c + data.shape[2]] = data
+            valid[r : r + data.shape[1], c : c + data.shape[2]] = ok
+    return sample, valid
 
 
 def read_tile(record: Mapping[str, Any]) -> Image.Image:

@@ -34,13 +34,13 @@ import rasterio
 from affine import Affine
 from PIL import Image
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
 from tqdm import tqdm
 
 from rshash.data.scene_geo import acquired_date, corner_coords, resolution_m, ring, to_wgs84
 from rshash.data.scene_pixels import (
     PERCENTILES,
     Stretch,
+    decimated_view,
     open_scene,
     percentile_stretch,
     read_window,
@@ -165,6 +165,15 @@ def _valid_fractions(
     return count / ((r1 - r0) * (c1 - c0))
 
 
+def scan_factor(width: int, height: int, tile: int) -> int:
+    """Power-of-two decimation for a scan: the view at most SCAN_SIDE px on a side, and at
+    least 8 samples along a tile's side."""
+    factor = 1
+    while max(width, height) / factor > SCAN_SIDE and factor * 2 <= max(1, tile // 8):
+        factor *= 2
+    return factor
+
+
 def scan_scene(path: Path, cfg: TileConfig) -> Scene:
     """Validate one scene and decide its tiles, reading only a decimated view of it."""
     with open_scene(path) as src:
@@ -187,19 +196,15 @@ def scan_scene(path: Path, cfg: TileConfig) -> Scene:
         rows, cols = (g.ravel() for g in np.meshgrid(rows_1d, cols_1d, indexing="ij"))
         stretch: Stretch = None
         if not (eight_bit and all_valid):
-            factor = max(1, min(math.ceil(max(src.width, src.height) / SCAN_SIDE), cfg.tile // 8))
-            shape = (len(bands), math.ceil(src.height / factor), math.ceil(src.width / factor))
+            factor = scan_factor(src.width, src.height, cfg.tile)
             try:
-                sample = src.read(
-                    list(bands), out_shape=shape, masked=True, resampling=Resampling.nearest
-                )
+                sample, valid = decimated_view(src, bands, factor)
             except rasterio.errors.RasterioError as exc:
                 raise DataError(f"{path}: unreadable image data ({exc})") from None
-            valid = np.asarray(~np.ma.getmaskarray(sample).any(axis=0), dtype=bool)
             keep = _valid_fractions(valid, src.height, src.width, rows, cols, cfg.tile)
             rows, cols = rows[keep >= cfg.min_valid], cols[keep >= cfg.min_valid]
             if not eight_bit:
-                stretch = percentile_stretch(np.ma.getdata(sample), valid, cfg.percentiles)
+                stretch = percentile_stretch(sample, valid, cfg.percentiles)
         # block by block (all tiles of one block row and column, then the next), so GDAL's block
         # cache only ever needs the blocks under a few tiles, whatever the scene's size
         bh, bw = src.block_shapes[0]
@@ -228,8 +233,10 @@ def scan_scene(path: Path, cfg: TileConfig) -> Scene:
         )
 
 
-def find_scenes(source: Path | Sequence[Path]) -> list[Path]:
+def find_scenes(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Scene files: a folder's *.tif / *.tiff (not recursive), one file, or a list of files."""
+    if isinstance(source, str):
+        source = Path(source)
     if not isinstance(source, Path):
         paths = [Path(p) for p in source]
     elif source.is_dir():
@@ -275,7 +282,7 @@ class SceneTiles:
 
     def __init__(
         self,
-        source: Path | Sequence[Path],
+        source: str | Path | Sequence[str | Path],
         cfg: TileConfig | None = None,
         name: str | None = None,
         progress: bool = False,
@@ -283,7 +290,7 @@ class SceneTiles:
         self.cfg = cfg or TileConfig()
         self.cfg.check()
         paths = find_scenes(source)
-        self.source = Path(source) if isinstance(source, Path) else paths[0].parent
+        self.source = Path(source) if isinstance(source, str | Path) else paths[0].parent
         self.name = name or self.source.stem
         # the bar shows only when scanning takes a while, and is closed before any error
         bar = tqdm(paths, desc="scan scenes", unit="scene", disable=not progress, delay=2.0)
