@@ -242,19 +242,49 @@ class Index(Searcher):
                     f", not with {expect_model}; rebuild it or use that model"
                 )
         index = cls(path, manifest, HashRun.open(path / "model"), device)
+        index.collections = index._load_collections(manifest)
+        return index
+
+    def _load_collections(self, manifest: dict[str, Any]) -> dict[str, Collection]:
+        """The collections of `manifest`'s generation, read from this index's files."""
         gen = manifest["generation"]
+        collections = {}
         for name, info in manifest["collections"].items():
-            col = Collection(name, index._engine())
-            col.codes = np.load(path / f"{name}.codes.{gen}.npy")
-            col.keys = np.load(path / f"{name}.keys.{gen}.npy")
-            with open(path / f"{name}.items.{gen}.jsonl", encoding="utf-8") as f:
+            col = Collection(name, self._engine())
+            col.codes = np.load(self.path / f"{name}.codes.{gen}.npy")
+            col.keys = np.load(self.path / f"{name}.keys.{gen}.npy")
+            with open(self.path / f"{name}.items.{gen}.jsonl", encoding="utf-8") as f:
                 col.items = [json.loads(line) for line in f]
             col.next_key, col.report = info["next_key"], info.get("report", {})
-            state_file = path / f"{name}.engine.{gen}.bin"
+            state_file = self.path / f"{name}.engine.{gen}.bin"
             state = state_file.read_bytes() if state_file.exists() else None
             col.engine.restore(state, col.codes, col.keys)
-            index.collections[name] = col
-        return index
+            collections[name] = col
+        return collections
+
+    @property
+    def generation(self) -> int:
+        return int(self.manifest["generation"])
+
+    def refresh(self) -> bool:
+        """Switch to a generation another process committed since; True if it switched.
+
+        The new collections are loaded aside and swapped in with one assignment, so a search
+        in flight finishes on the old ones. A commit racing this read is caught up next call.
+        """
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if manifest.get("generation") == self.generation:
+            return False
+        try:
+            collections = self._load_collections(manifest)
+        except OSError:  # a newer commit already deleted this generation's files
+            return False
+        self.collections = collections
+        self.manifest = manifest
+        return True
 
     def _engine(self) -> Engine:
         spec = self.manifest["engine"]
