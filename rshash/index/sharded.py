@@ -151,8 +151,11 @@ class _Shard:
                 target.write_bytes(data)
             self.index = Index.open(tmp, device="cpu")
 
-    def ping(self) -> str:
-        return self.name
+    def ping(self) -> tuple[str, str]:
+        """The shard's name and the id of the Ray node it runs on."""
+        import ray
+
+        return self.name, ray.get_runtime_context().get_node_id()
 
     def search(
         self,
@@ -218,7 +221,8 @@ class ShardedIndex(Searcher):
             for name, contents in zip(self.names, self._contents, strict=True)
         ]
         self._ray = ray
-        self._gather([a.ping.remote() for a in self.actors], "start")
+        started = self._gather([a.ping.remote() for a in self.actors], "start")
+        self.nodes: dict[str, str] = dict(started)
         self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"))
         self.last_degraded: list[str] = []
 
@@ -260,16 +264,21 @@ class ShardedIndex(Searcher):
         return out
 
     def degraded(self, timeout: float = 1.0) -> list[str]:
-        """Names of the shards that do not answer a ping within `timeout` seconds."""
+        """Names of the shards that do not answer a ping within `timeout` seconds.
+
+        Also updates `nodes`: the Ray node id each answering shard runs on.
+        """
         refs = [a.ping.remote() for a in self.actors]
         _, pending = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
         down = []
         for name, ref in zip(self.names, refs, strict=True):
             try:
-                if ref in pending or self._ray.get(ref) != name:
-                    down.append(name)
-            except self._ray.exceptions.RayError:
+                if ref in pending:
+                    raise TimeoutError
+                self.nodes[name] = self._ray.get(ref)[1]
+            except (TimeoutError, self._ray.exceptions.RayError):
                 down.append(name)
+                self.nodes.pop(name, None)
         self.last_degraded = down
         return down
 

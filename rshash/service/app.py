@@ -55,6 +55,7 @@ class ServiceConfig:
     refresh_interval_s: float = 1.0  # how often (between batches) to look for a new generation
     shard_timeout_s: float = 10.0  # sharded index: longest wait for a shard's answer
     ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
+    shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
 
 
 class TextQuery(BaseModel):
@@ -93,7 +94,7 @@ def _parse_bbox(text: str | None) -> BBox | None:
 def open_index(path: str | Path, cfg: ServiceConfig) -> Index | ShardedIndex:
     path = Path(path)
     if (path / SHARDS).is_file():
-        return ShardedIndex(path, cfg.ray_address, timeout=cfg.shard_timeout_s)
+        return ShardedIndex(path, cfg.ray_address, cfg.shard_timeout_s, cfg.shard_cpus)
     return Index.open(path, device=cfg.device)
 
 
@@ -209,6 +210,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         if isinstance(index, ShardedIndex):
             down = await run_in_threadpool(index.degraded)
             body["shards"] = len(index.names)
+            body["shard_nodes"] = dict(index.nodes)
             if down:
                 body.update(status="degraded", degraded_shards=down)
                 return _json(body, 503)
