@@ -27,6 +27,7 @@ from rshash.index.index import Hit, Index, Searcher, check_query
 from rshash.training.run import HashRun
 
 SHARDS = "shards.json"
+START_TIMEOUT = 300.0  # seconds for every shard actor to come up
 
 
 def _ray(address: str | None) -> Any:
@@ -150,6 +151,10 @@ class _Shard:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
             self.index = Index.open(tmp, device="cpu")
+        probe = np.zeros((1, self.index.bits // 8), np.uint8)
+        for name, col in self.index.collections.items():  # compile the search kernels now
+            if len(col):
+                self.index.search_codes(probe, 1, name)
 
     def ping(self) -> tuple[str, str]:
         """The shard's name and the id of the Ray node it runs on."""
@@ -221,7 +226,9 @@ class ShardedIndex(Searcher):
             for name, contents in zip(self.names, self._contents, strict=True)
         ]
         self._ray = ray
-        started = self._gather([a.ping.remote() for a in self.actors], "start")
+        # Starting a shard (a worker process, imports, loading) can take far longer than a search.
+        pings = [a.ping.remote() for a in self.actors]
+        started = self._gather(pings, "start", timeout=max(self.timeout, START_TIMEOUT))
         self.nodes: dict[str, str] = dict(started)
         self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"))
         self.last_degraded: list[str] = []
