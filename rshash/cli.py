@@ -436,14 +436,19 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Sharded index: Ray cluster address (default: local Ray).")
     ] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="Encoder threads (default: one per core).")
+    ] = None,
 ) -> None:
     """Serve search over INDEX: JSON API, OpenAPI at /docs, metrics at /metrics, a web page at /."""
     import uvicorn
 
     from rshash.service import ServiceConfig, create_app
 
-    for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue)):
-        if value < 1:
+    positive: dict[str, int | None] = {"--max-batch": max_batch, "--max-queue": max_queue}
+    positive["--torch-threads"] = torch_threads
+    for flag, value in positive.items():
+        if value is not None and value < 1:
             raise RshashError(f"{flag}: expected a positive number, got {value}")
     for flag, seconds in (
         ("--max-wait-ms", max_wait_ms),
@@ -460,6 +465,7 @@ def serve(
         refresh_interval_s=refresh_interval,
         shard_timeout_s=shard_timeout,
         ray_address=ray_address,
+        torch_threads=torch_threads,
     )
     app_ = create_app(index, cfg)
     typer.echo(f"serving {index} at http://{host}:{port}/ (API docs at /docs)")

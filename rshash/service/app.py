@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +57,7 @@ class ServiceConfig:
     shard_timeout_s: float = 10.0  # sharded index: longest wait for a shard's answer
     ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
     shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
+    torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
 
 
 class TextQuery(BaseModel):
@@ -100,6 +102,8 @@ def open_index(path: str | Path, cfg: ServiceConfig) -> Index | ShardedIndex:
 
 def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> FastAPI:
     cfg = config or ServiceConfig()
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
     index = open_index(index_path, cfg)
     thumbs = Path(index_path) / "thumbnails"
     metrics = ServiceMetrics()
