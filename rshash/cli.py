@@ -427,6 +427,10 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="Queries waiting beyond this are answered 503 at once.")
     ] = 128,
+    max_queue_ms: Annotated[
+        float | None,
+        typer.Option(help="Also 503 when the waiting queries would take longer than this (ms)."),
+    ] = None,
     refresh_interval: Annotated[
         float, typer.Option(help="Seconds between looks for a new index generation.")
     ] = 1.0,
@@ -452,6 +456,7 @@ def serve(
             raise RshashError(f"{flag}: expected a positive number, got {value}")
     for flag, seconds in (
         ("--max-wait-ms", max_wait_ms),
+        ("--max-queue-ms", max_queue_ms or 0.0),
         ("--refresh-interval", refresh_interval),
         ("--shard-timeout", shard_timeout),
     ):
@@ -462,6 +467,7 @@ def serve(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_queue=max_queue,
+        max_queue_ms=max_queue_ms,
         refresh_interval_s=refresh_interval,
         shard_timeout_s=shard_timeout,
         ray_address=ray_address,

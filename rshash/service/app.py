@@ -52,6 +52,7 @@ class ServiceConfig:
     max_batch: int = 64  # queries per encoder pass and batched search
     max_wait_ms: float = 2.0  # under load, how long a batch waits to fill
     max_queue: int = 128  # queries waiting beyond this are answered 503 at once
+    max_queue_ms: float | None = None  # also 503 when the waiting queries need longer than this
     retry_after_s: int = 1  # the Retry-After of a 503
     refresh_interval_s: float = 1.0  # how often (between batches) to look for a new generation
     shard_timeout_s: float = 10.0  # sharded index: longest wait for a shard's answer
@@ -123,7 +124,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
 
     batcher: Batcher[SearchRequest, list[Hit]] = Batcher(
         lambda requests: search_batch(index, requests),
-        BatchConfig(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue),
+        BatchConfig(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.max_queue_ms),
         between=between_batches,
         on_batch=metrics.batch_size.observe,
     )
@@ -166,11 +167,11 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     async def search(request: SearchRequest) -> list[Hit]:
         try:
             return await batcher.submit(request)
-        except QueueFull:
+        except QueueFull as exc:
             metrics.shed.inc()
             raise HTTPException(
                 503,
-                f"service busy ({cfg.max_queue} queries waiting); retry in {cfg.retry_after_s} s",
+                f"service busy ({exc}); retry in {cfg.retry_after_s} s",
                 headers={"Retry-After": str(cfg.retry_after_s)},
             ) from None
 

@@ -4,8 +4,10 @@ Every search endpoint submits its request to one `Batcher`. A single worker task
 waiting (up to `max_batch`), hands the list to the batch function in a worker thread, and gives
 each caller its own result or exception. A lone request on an idle service goes straight through;
 only while requests arrive concurrently (the previous batch held more than one) does the worker
-wait up to `max_wait_ms` for the batch to fill. Past `max_queue` waiting requests, `submit` raises
-`QueueFull` at once (the service answers 503), so accepted requests keep their latency.
+wait up to `max_wait_ms` for the batch to fill. Past `max_queue` waiting requests, or (with
+`max_queue_ms`) when the requests already waiting would take longer than that to serve at the
+recent rate, `submit` raises `QueueFull` at once (the service answers 503), so accepted requests
+keep their latency.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class BatchConfig:
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    max_queue_ms: float | None = None
 
 
 BatchFn = Callable[[list[T]], Sequence[R | BaseException]]
@@ -58,15 +61,25 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._last_batch = 0
+        self._item_seconds = 0.0  # recent time per item, a moving average over batches
 
     @property
     def depth(self) -> int:
         """Requests waiting for a batch."""
         return len(self._queue)
 
+    @property
+    def expected_wait(self) -> float:
+        """Seconds the requests now waiting would take to serve at the recent rate."""
+        return len(self._queue) * self._item_seconds
+
     async def submit(self, item: T) -> R:
-        if len(self._queue) >= self.config.max_queue:
-            raise QueueFull(f"{len(self._queue)} requests waiting")
+        cfg = self.config
+        if len(self._queue) >= cfg.max_queue:
+            raise QueueFull(f"{len(self._queue)} queries waiting")
+        if cfg.max_queue_ms is not None and self.expected_wait * 1000 > cfg.max_queue_ms:
+            work = f"{self.expected_wait:.2f} s of work"
+            raise QueueFull(f"{len(self._queue)} queries waiting, {work}")
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()
@@ -114,10 +127,15 @@ class Batcher(Generic[T, R]):
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             items = [item for item, _ in batch]
+            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(None, self._call, items)
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 results = [exc] * len(batch)
+            per_item = (time.perf_counter() - start) / len(batch)
+            self._item_seconds = (
+                per_item if not self._item_seconds else (0.7 * self._item_seconds + 0.3 * per_item)
+            )
             for (_, fut), res in zip(batch, results, strict=True):
                 if fut.done():
                     continue
