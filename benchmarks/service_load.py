@@ -1,157 +1,388 @@
-"""Load test of the search service on loopback: concurrent clients sending text queries.
+"""Load test of the search service on loopback: closed- and open-loop clients, text and image.
 
-Starts `rshash serve` on a UCM index (built on first use from the benchmark feature cache and a
-64-bit DUCH run) in its own process, then runs `--clients` concurrent clients for `--seconds`.
-Limit: the same text queries answered in-process, one after another (encoder + search, no HTTP).
-Usage: python -m benchmarks.service_load [--clients 50] [--seconds 30]
+Index: UCM (from the cached test features) + RSSCN7, encoded with the cached 64-bit DUCH test run
+(`.cache/tests/ucm-duch64`). The server (`rshash serve`, default knobs, no result cache) runs in
+its own process. Text queries are drawn at random from a large pool: every UCM caption plus
+composed phrases; image queries are RSSCN7 files. Clients speak HTTP/1.1 keep-alive over raw
+asyncio streams, so the load generator costs little of the shared CPU.
+
+Scenarios: closed loop, 50 text clients; open loop at 100, 200, 400 req/s and 2x the measured
+capacity (scenario 1's rate); closed loop, 16 image clients. Limits measured in the same run:
+the batched text and image encoders' own rates at batch 64 (`encoder_limit_rps`).
+Usage: python -m benchmarks.service_load [--seconds 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import httpx
 import numpy as np
+import torch
 
-from benchmarks.common import CACHE, DATA_ROOT, markdown_table, write_results
+from benchmarks.common import DATA_ROOT, REPO, markdown_table, write_results
 from rshash.data import load_dataset
-from rshash.features import ExtractConfig, extract_features
 from rshash.index import Index
-from rshash.index.build import build_index
-from rshash.training import OptimConfig, TrainConfig, train
+from rshash.index.build import add_to_index, build_index
+from rshash.service.queries import encode_views, image_view
 
-QUERIES = [
-    "a river crossing farmland",
-    "many planes parked at the airport",
-    "dense residential houses",
-    "a parking lot full of cars",
-    "green trees in a forest",
-    "a baseball field beside a road",
-    "white waves on a sandy beach",
-    "an overpass over a highway",
-]
+TEST_CACHE = REPO / ".cache" / "tests"
+INDEX = REPO / ".cache" / "benchmarks" / "service-index"
+SEED = 0
+HOST = "127.0.0.1"
 
-
-def ucm_index() -> str:
-    ucm = DATA_ROOT / "ucm-captions"
-    features = CACHE / "ucm-features.h5"
-    if not features.exists():
-        extract_features(load_dataset(ucm), features, ExtractConfig())
-    run = CACHE / "runs" / "duch-b64-s0-e100"
-    if not (run / "model.pt").exists():
-        train(TrainConfig(features=str(features), bits=64, optim=OptimConfig(epochs=100)), run)
-    out = CACHE / "ucm-index"
-    if not (out / "index.json").exists():
-        build_index(run, load_dataset(ucm), out, features=features)
-    return str(out)
+ADJECTIVES = ["green", "dense", "sparse", "large", "small", "white", "dark", "curved", "straight"]
+THINGS = [
+    "trees", "houses", "buildings", "planes", "cars", "roads", "rivers", "fields", "tennis courts",
+    "storage tanks", "ships", "beaches", "meadows", "parking lots", "overpasses", "runways",
+    "golf courses", "baseball fields", "chaparral", "freeways", "harbors", "farmland",
+]  # fmt: skip
+RELATIONS = ["next to", "surrounded by", "crossing", "beside", "near", "between", "along"]
 
 
-async def client(
-    http: httpx.AsyncClient, stop: float, latencies: list[float], errors: list[str], seed: int
-) -> None:
-    rng = np.random.default_rng(seed)
-    while time.perf_counter() < stop:
-        query = QUERIES[rng.integers(len(QUERIES))]
+def build_index_once() -> Path:
+    """UCM from the cached features plus every RSSCN7 image, with the cached test run."""
+    run, features = TEST_CACHE / "ucm-duch64", TEST_CACHE / "ucm-features.h5"
+    if not (INDEX / "index.json").exists():
+        partial = INDEX.with_name("service-index.building")
+        if partial.exists():
+            import shutil
+
+            shutil.rmtree(partial)
+        ucm = load_dataset(DATA_ROOT / "ucm-captions")
+        build_index(run, ucm, partial, features=features)
+        add_to_index(partial, load_dataset(DATA_ROOT / "rsscn7"))
+        partial.rename(INDEX)
+    return INDEX
+
+
+def text_pool(rng: random.Random) -> list[str]:
+    """Every UCM caption (deduplicated) and as many composed phrases."""
+    data = json.loads((DATA_ROOT / "ucm-captions" / "dataset.json").read_text())
+    captions = sorted({s["raw"].strip() for im in data["images"] for s in im["sentences"]})
+    composed = {
+        f"{rng.choice(ADJECTIVES)} {rng.choice(THINGS)} {rng.choice(RELATIONS)} "
+        f"{rng.choice(ADJECTIVES)} {rng.choice(THINGS)}"
+        for _ in range(4 * len(captions))
+    }
+    return captions + sorted(composed)
+
+
+def image_pool(rng: random.Random, n: int = 400) -> list[tuple[str, bytes]]:
+    files = sorted((DATA_ROOT / "rsscn7").rglob("*.jpg"))
+    return [(p.name, p.read_bytes()) for p in rng.sample(files, n)]
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+def encoder_limits(index: Index, texts: list[str], images: list[tuple[str, bytes]]) -> dict:
+    """Queries per second of the batched text and image encoders (batch 64), in-process, with
+    1 and with 2 torch threads (on a shared CPU either may be faster); the best of the two."""
+    rng = random.Random(SEED + 1)
+    enc = index.encoder
+    default_threads = torch.get_num_threads()
+    views = [image_view(data, name, enc) for name, data in images[:64]]
+    out: dict[str, Any] = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        enc.encode_texts(texts[:64])
+        batches = [rng.sample(texts, 64) for _ in range(4)]
         start = time.perf_counter()
-        try:
-            r = await http.post("/search/text", json={"query": query, "k": 20})
-            if r.status_code != 200:
-                errors.append(f"{r.status_code}")
-        except httpx.HTTPError as exc:
-            errors.append(type(exc).__name__)
-        latencies.append(time.perf_counter() - start)
-
-
-async def load(url: str, clients: int, seconds: float) -> tuple[list[float], list[str], float]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        for b in batches:
+            enc.encode_texts(b)
+        out[f"text_{threads}_threads"] = round(64 * len(batches) / (time.perf_counter() - start), 1)
+        encode_views(enc, views[:8])
         start = time.perf_counter()
-        await asyncio.gather(
-            *(client(http, start + seconds, latencies, errors, i) for i in range(clients))
+        encode_views(enc, views)
+        out[f"image_{threads}_threads"] = round(64 / (time.perf_counter() - start), 1)
+    torch.set_num_threads(default_threads)
+    out["text"] = max(out["text_1_threads"], out["text_2_threads"])
+    out["image"] = max(out["image_1_threads"], out["image_2_threads"])
+    return out
+
+
+# --- a small keep-alive HTTP/1.1 client ------------------------------------------------------
+
+
+class Connection:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(
+            int(v)
+            for k, _, v in (h.partition(":") for h in lines[1:])
+            if k.lower() == "content-length"
         )
-        return latencies, errors, time.perf_counter() - start
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Tally:
+    served: list[float] = field(default_factory=list)
+    shed: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    connections: int = 0
+
+
+def _record(tally: Tally, status: int, seconds: float) -> None:
+    if status == 200:
+        tally.served.append(seconds)
+    elif status == 503:
+        tally.shed.append(seconds)
+    else:
+        tally.errors.append(str(status))
+
+
+Request = tuple[str, bytes, str]
+
+
+def text_request(query: str) -> Request:
+    return "/search/text", json.dumps({"query": query, "k": 20}).encode(), "application/json"
+
+
+def image_request(name: str, data: bytes) -> Request:
+    boundary = "rshashbenchboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n20\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return "/search/image", body, f"multipart/form-data; boundary={boundary}"
+
+
+async def closed_loop(port: int, requests: list[Request], clients: int, seconds: float) -> Tally:
+    tally = Tally(connections=clients)
+    rng = random.Random(SEED + clients)
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        conn = Connection(port)
+        while time.perf_counter() < stop:
+            path, body, ctype = rng.choice(requests)
+            start = time.perf_counter()
+            try:
+                status, _ = await conn.post(path, body, ctype)
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                tally.errors.append(type(exc).__name__)
+                conn.close()
+                conn = Connection(port)
+                continue
+            _record(tally, status, time.perf_counter() - start)
+        conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return tally
+
+
+async def open_loop(port: int, requests: list[Request], rate: float, seconds: float) -> Tally:
+    """Requests sent at fixed intervals, whatever the answers; latency counts from the
+    scheduled send time, so a slow server cannot hide its queue (no coordinated omission)."""
+    tally = Tally()
+    rng = random.Random(SEED + int(rate))
+    idle: list[Connection] = []
+    tasks = []
+
+    async def one(scheduled: float, request: Request) -> None:
+        conn = idle.pop() if idle else Connection(port)
+        if conn.writer is None:
+            tally.connections += 1
+        try:
+            status, _ = await conn.post(*request)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            tally.errors.append(type(exc).__name__)
+            conn.close()
+            return
+        _record(tally, status, time.perf_counter() - scheduled)
+        idle.append(conn)
+
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(scheduled, rng.choice(requests))))
+    await asyncio.gather(*tasks)
+    for conn in idle:
+        conn.close()
+    return tally
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def start_server(index: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rshash.cli", "serve", str(index), "--port", str(port)]
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            conn = asyncio.run(_probe(port))
+            if conn:
+                return server
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("server did not start")
+
+
+async def _probe(port: int) -> bool:
+    conn = Connection(port)
+    try:
+        status, _ = await conn.post(*text_request("warm up"))
+        return status == 200
+    finally:
+        conn.close()
+
+
+def entry(
+    scenario: str, kind: str, tally: Tally, seconds: float, limit: float, offered: float | None
+) -> dict[str, Any]:
+    ms = np.array(tally.served) * 1000 if tally.served else np.array([np.nan])
+    rps = len(tally.served) / seconds
+    return {
+        "scenario": scenario,
+        "kind": kind,
+        "clients": tally.connections,
+        "offered_rps": offered,
+        "rps": round(rps, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "errors": len(tally.errors),
+        "shed": len(tally.shed),
+        "encoder_limit_rps": limit,
+        "ratio": round(rps / limit, 3),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--index", type=Path, help="Serve this index instead (a dry run).")
     args = parser.parse_args()
-    index_path = ucm_index()
+    rng = random.Random(SEED)
+    index_path = args.index or build_index_once()
+    texts, images = text_pool(rng), image_pool(rng)
     index = Index.open(index_path)
-    index.search_text(QUERIES[0])
-    start = time.perf_counter()
-    for q in QUERIES * 5:
-        index.search_text(q)
-    limit_rps = len(QUERIES) * 5 / (time.perf_counter() - start)
-    del index
+    limits_before = encoder_limits(index, texts, images)
+    print(f"pool: {len(texts)} texts, {len(images)} images; encoder limits {limits_before}")
+    text_requests = [text_request(q) for q in texts]
+    image_requests = [image_request(n, d) for n, d in images]
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "rshash.cli", "serve", index_path, "--port", str(args.port)]
-    )
-    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(index_path, args.port)
+    results, shed_ms, load = [], {}, {}
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        latencies, errors, elapsed = asyncio.run(load(url, args.clients, args.seconds))
+
+        def run(scenario: str, kind: str, coro: Any, offered: float | None) -> dict:
+            before = os.getloadavg()
+            start = time.perf_counter()
+            tally = asyncio.run(coro)
+            seconds = time.perf_counter() - start
+            e = entry(scenario, kind, tally, seconds, limits_before[kind], offered)
+            results.append(e)
+            load[scenario] = {"before": before, "after": os.getloadavg()}
+            if tally.shed:
+                shed = np.array(tally.shed) * 1000
+                shed_ms[scenario] = {
+                    "p50": round(float(np.percentile(shed, 50)), 1),
+                    "p99": round(float(np.percentile(shed, 99)), 1),
+                    "max": round(float(shed.max()), 1),
+                }
+            print(e, load[scenario], shed_ms.get(scenario), flush=True)
+            time.sleep(2)
+            return e
+
+        s = args.seconds
+        first = run("closed_text_50", "text", closed_loop(args.port, text_requests, 50, s), None)
+        capacity = first["rps"]
+        for rate in (100, 200, 400, round(2 * capacity)):
+            name = f"open_text_{rate}" if rate != round(2 * capacity) else "open_text_2x_capacity"
+            run(name, "text", open_loop(args.port, text_requests, rate, s), float(rate))
+        run("closed_image_16", "image", closed_loop(args.port, image_requests, 16, s), None)
     finally:
         server.terminate()
         server.wait()
-    ms = np.array(latencies) * 1000
+    limits_after = encoder_limits(index, texts, images)
+    print(f"encoder limits after the scenarios: {limits_after}")
+    # The CPU is shared: the limit is the mean of its measurements before and after the load.
+    limits = {k: round((limits_before[k] + limits_after[k]) / 2, 1) for k in ("text", "image")}
+    for e in results:
+        e["encoder_limit_rps"] = limits[e["kind"]]
+        e["ratio"] = round(e["rps"] / e["encoder_limit_rps"], 3)
+
     record = {
-        "clients": args.clients,
-        "seconds": round(elapsed, 1),
-        "requests": len(latencies),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "errors": len(errors),
-        "limit_rps": round(limit_rps, 1),
-        "ratio": round(len(latencies) / elapsed / limit_rps, 3),
+        "scenarios": results,
+        "shed_answer_ms": shed_ms,
+        "loadavg": load,
+        "encoder_limits": {"before": limits_before, "after": limits_after},
+        "pool": {"texts": len(texts), "images": len(images)},
+        "index": {"images": len(index), "path": str(index_path)},
+        "seconds_per_scenario": args.seconds,
     }
-    table = markdown_table(
-        [
-            "clients",
-            "requests",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
-            "errors",
-            "in-process limit req/s",
-            "ratio",
-        ],
-        [
-            [
-                str(record[k])
-                for k in (
-                    "clients",
-                    "requests",
-                    "rps",
-                    "p50_ms",
-                    "p99_ms",
-                    "errors",
-                    "limit_rps",
-                    "ratio",
-                )
-            ]
-        ],
+    keys = ["scenario", "kind", "clients", "offered_rps", "rps", "p50_ms", "p99_ms", "errors"]
+    keys += ["shed", "encoder_limit_rps", "ratio"]
+    rows = [[str(e[k]) for k in keys] for e in results]
+    shed_lines = "".join(
+        f"- {name}: 503 answered in p50 {v['p50']} ms, p99 {v['p99']} ms, max {v['max']} ms\n"
+        for name, v in shed_ms.items()
+    )
+    load_lines = "".join(
+        f"- {name}: load average {v['before'][0]:.2f} before, {v['after'][0]:.2f} after\n"
+        for name, v in load.items()
     )
     intro = (
-        "# Search service under load (text queries, k = 20, loopback)\n\n"
-        "Limit: the same queries answered in-process one after another (text encoder + search).\n\n"
+        "# Search service under load (k = 20, loopback, server in its own process)\n\n"
+        f"Index: {record['index']['images']} images (UCM + RSSCN7). Pool: {len(texts)} text "
+        f"queries (UCM captions + composed phrases), {len(images)} RSSCN7 images. "
+        f"{args.seconds:g} s per scenario. Limits (same run, in-process, batch 64, best of 1 and "
+        f"2 torch threads, mean of before and after the load): text encoder {limits['text']} "
+        f"q/s, image encoder {limits['image']} q/s (before {limits_before}, after "
+        f"{limits_after}). rps counts 200 answers; p50/p99 are over them (open loop: from the "
+        "scheduled send time). Server: `rshash serve` with its default knobs.\n\n"
     )
-    write_results("service", record, intro + table)
+    markdown = (
+        intro
+        + markdown_table(keys, rows)
+        + "\n\nShed requests:\n\n"
+        + (shed_lines or "- none\n")
+        + "\nCPU load (shared machine, os.getloadavg, 1 min):\n\n"
+        + load_lines
+    )
+    write_results("service", record, markdown)
 
 
 if __name__ == "__main__":

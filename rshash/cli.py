@@ -519,17 +519,66 @@ def search(
 
 @app.command()
 def serve(
-    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    index: Annotated[
+        Path, typer.Argument(help="Index directory, or a sharded index (folder with shards.json).")
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     device: Device = "auto",
+    max_batch: Annotated[int, typer.Option(help="Most queries in one encoder pass.")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="Under load, how long a batch waits to fill (ms).")
+    ] = 2.0,
+    max_queue: Annotated[
+        int, typer.Option(help="Queries waiting beyond this are answered 503 at once.")
+    ] = 128,
+    max_queue_ms: Annotated[
+        float | None,
+        typer.Option(help="Also 503 when the waiting queries would take longer than this (ms)."),
+    ] = None,
+    refresh_interval: Annotated[
+        float, typer.Option(help="Seconds between looks for a new index generation.")
+    ] = 1.0,
+    shard_timeout: Annotated[
+        float, typer.Option(help="Sharded index: longest wait for a shard's answer (s).")
+    ] = 10.0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Sharded index: Ray cluster address (default: local Ray).")
+    ] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="Encoder threads (default: one per core).")
+    ] = None,
 ) -> None:
-    """Serve search over INDEX: JSON API, OpenAPI at /docs, and a web page at /."""
+    """Serve search over INDEX: JSON API, OpenAPI at /docs, metrics at /metrics, a web page at /."""
     import uvicorn
 
     from rshash.service import ServiceConfig, create_app
 
-    app_ = create_app(index, ServiceConfig(device=device))
+    positive: dict[str, int | None] = {"--max-batch": max_batch, "--max-queue": max_queue}
+    positive["--torch-threads"] = torch_threads
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise RshashError(f"{flag}: expected a positive number, got {value}")
+    for flag, seconds in (
+        ("--max-wait-ms", max_wait_ms),
+        ("--max-queue-ms", max_queue_ms or 0.0),
+        ("--refresh-interval", refresh_interval),
+        ("--shard-timeout", shard_timeout),
+    ):
+        if seconds < 0:
+            raise RshashError(f"{flag}: expected a number ≥ 0, got {seconds}")
+    cfg = ServiceConfig(
+        device=device,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_queue_ms=max_queue_ms,
+        refresh_interval_s=refresh_interval,
+        shard_timeout_s=shard_timeout,
+        ray_address=ray_address,
+        torch_threads=torch_threads,
+    )
+    app_ = create_app(index, cfg)
     typer.echo(f"serving {index} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

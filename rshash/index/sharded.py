@@ -10,6 +10,7 @@ cluster (`address="ray://head:10001"`).
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from rshash.index.index import Hit, Index, Searcher, check_query
 from rshash.training.run import HashRun
 
 SHARDS = "shards.json"
+START_TIMEOUT = 300.0  # seconds for every shard actor to come up
 
 
 def _ray(address: str | None) -> Any:
@@ -121,52 +123,201 @@ def ray_build_shards(
     return paths
 
 
+class ShardUnavailable(RshashError):
+    """A shard did not answer in time or its actor is gone (the service answers 503)."""
+
+
+def shard_files(path: Path) -> dict[str, bytes]:
+    """Every file of a shard directory (index files and model copy), by relative path."""
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and "thumbnails" not in p.relative_to(path).parts
+    }
+
+
 class _Shard:
-    """Ray actor body: one index shard in memory, answering searches by packed code."""
+    """Ray actor body: one index shard in memory, answering searches by packed code.
 
-    def __init__(self, path: str) -> None:
-        self.index = Index.open(path)
+    The shard's files come through Ray's object store, so the actor runs (and restarts) on any
+    node: it writes them to a private temporary folder, opens the index and deletes the folder.
+    """
 
-    def fingerprint(self) -> str:
-        return self.index.fingerprint
+    def __init__(self, name: str, contents: dict[str, bytes]) -> None:
+        self.name = name
+        with tempfile.TemporaryDirectory(prefix=f"rshash-{name}-") as tmp:
+            for rel, data in contents.items():
+                target = Path(tmp) / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            self.index = Index.open(tmp, device="cpu")
+        probe = np.zeros((1, self.index.bits // 8), np.uint8)
+        for name, col in self.index.collections.items():  # compile the search kernels now
+            if len(col):
+                self.index.search_codes(probe, 1, name)
+
+    def ping(self) -> tuple[str, str]:
+        """The shard's name and the id of the Ray node it runs on."""
+        import ray
+
+        return self.name, ray.get_runtime_context().get_node_id()
 
     def search(
-        self, codes: np.ndarray, k: int, collection: str, radius: int | None
+        self,
+        codes: np.ndarray,
+        k: int,
+        collection: str,
+        radius: int | None,
+        filters: dict[str, Any],
     ) -> list[list[tuple[int, int, dict[str, Any]]]]:
         if collection not in self.index.collections:
             return [[] for _ in codes]
-        found = self.index.search_codes(codes, k, collection, radius)
+        found = self.index.search_codes(codes, k, collection, radius, **filters)
         return [[(h.key, h.distance, h.item) for h in hits] for hits in found]
+
+    def item(self, item_id: str, collection: str) -> dict[str, Any] | None:
+        try:
+            return self.index.item(item_id, collection)
+        except RshashError:
+            return None
 
 
 class ShardedIndex(Searcher):
-    """Scatter-gather search over index shards held by Ray actors."""
+    """Scatter-gather search over index shards held by Ray actors.
 
-    def __init__(self, path: str | Path, address: str | None = None) -> None:
+    Each shard's files are read here once and shipped through Ray's object store (no node needs
+    the driver's path). Actors restart when they or their node die (`max_restarts`), and calls
+    in flight are retried on the restarted actor (`max_task_retries`); a shard that does not
+    answer within `timeout` seconds fails the query with `ShardUnavailable` naming it, instead
+    of hanging. A sharded index is rebuilt, not updated: its generation stays 0.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        address: str | None = None,
+        timeout: float = 30.0,
+        shard_cpus: float = 0.5,
+    ) -> None:
         path = Path(path)
         manifest_path = path / SHARDS
         if not manifest_path.is_file():
             raise RshashError(f"{path}: not a sharded index (no {SHARDS})")
-        names = json.loads(manifest_path.read_text())["shards"]
-        ray = _ray(address)
-        actor = ray.remote(_Shard)
-        self.path = path
-        self.actors = [actor.remote(str(path / name)) for name in names]
-        prints = ray.get([a.fingerprint.remote() for a in self.actors])
+        self.names: list[str] = json.loads(manifest_path.read_text())["shards"]
+        self.manifests = [json.loads((path / n / "index.json").read_text()) for n in self.names]
+        prints = [m["model"]["fingerprint"] for m in self.manifests]
         if len(set(prints)) != 1:
-            bad = names[next(i for i, p in enumerate(prints) if p != prints[0])]
-            raise RshashError(f"{path / bad}: shard was built with another model than {names[0]}")
-        self.encoder = CodeEncoder(HashRun.open(path / names[0] / "model"))
+            bad = self.names[next(i for i, p in enumerate(prints) if p != prints[0])]
+            first = self.names[0]
+            raise RshashError(f"{path / bad}: shard was built with another model than {first}")
+        ray = _ray(address)
+        actor = ray.remote(_Shard).options(
+            num_cpus=shard_cpus,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy="SPREAD",
+        )
+        self.path = path
+        self.timeout = timeout
+        self.manifest = self.manifests[0]
+        self._contents = [ray.put(shard_files(path / name)) for name in self.names]
+        self.actors = [
+            actor.remote(name, contents)
+            for name, contents in zip(self.names, self._contents, strict=True)
+        ]
         self._ray = ray
+        # Starting a shard (a worker process, imports, loading) can take far longer than a search.
+        pings = [a.ping.remote() for a in self.actors]
+        started = self._gather(pings, "start", timeout=max(self.timeout, START_TIMEOUT))
+        self.nodes: dict[str, str] = dict(started)
+        self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"))
+        self.last_degraded: list[str] = []
+
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["bits"])
+
+    @property
+    def generation(self) -> int:
+        return 0
+
+    def refresh(self) -> bool:
+        return False
+
+    def counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for m in self.manifests:
+            for name, info in m["collections"].items():
+                total[name] = total.get(name, 0) + int(info["count"])
+        return total
+
+    def _gather(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
+        """Every shard's answer, or ShardUnavailable naming the shards that gave none in time."""
+        ray = self._ray
+        limit = self.timeout if timeout is None else timeout
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=limit)
+        waiting = set(pending)
+        out, missing = [], []
+        for name, ref in zip(self.names, refs, strict=True):
+            if ref in waiting:
+                missing.append(f"{name} (no answer within {limit:g} s)")
+                continue
+            try:
+                out.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                missing.append(f"{name} ({type(exc).__name__})")
+        if missing:
+            raise ShardUnavailable(f"{self.path}: {what}: shard {', '.join(missing)} unavailable")
+        return out
+
+    def degraded(self, timeout: float = 1.0) -> list[str]:
+        """Names of the shards that do not answer a ping within `timeout` seconds.
+
+        Also updates `nodes`: the Ray node id each answering shard runs on.
+        """
+        refs = [a.ping.remote() for a in self.actors]
+        _, pending = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        down = []
+        for name, ref in zip(self.names, refs, strict=True):
+            try:
+                if ref in pending:
+                    raise TimeoutError
+                self.nodes[name] = self._ray.get(ref)[1]
+            except (TimeoutError, self._ray.exceptions.RayError):
+                down.append(name)
+                self.nodes.pop(name, None)
+        self.last_degraded = down
+        return down
 
     def search_codes(
-        self, codes: np.ndarray, k: int = 20, collection: str = "images", radius: int | None = None
+        self,
+        codes: np.ndarray,
+        k: int = 20,
+        collection: str = "images",
+        radius: int | None = None,
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
     ) -> list[list[Hit]]:
         check_query(k, radius)
-        parts = self._ray.get([a.search.remote(codes, k, collection, radius) for a in self.actors])
+        filters: dict[str, Any] = {}
+        if where is not None:
+            filters["where"] = where
+        if bbox is not None:
+            filters["bbox"] = bbox
+        codes = np.ascontiguousarray(codes, np.uint8)
+        refs = [a.search.remote(codes, k, collection, radius, filters) for a in self.actors]
+        parts = self._gather(refs, "search")
         merged = []
         for q in range(len(codes)):
             hits = sorted((h for part in parts for h in part[q]), key=lambda h: (h[1], h[0]))
             hits = hits if radius is not None else hits[:k]
             merged.append([Hit(key, d, item) for key, d, item in hits])
         return merged
+
+    def item(self, item_id: str, collection: str = "images") -> dict[str, Any]:
+        found = self._gather([a.item.remote(item_id, collection) for a in self.actors], "item")
+        for it in found:
+            if it is not None:
+                return dict(it)
+        raise RshashError(f"{self.path}: no {collection[:-1]} with id {item_id!r}")

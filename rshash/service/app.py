@@ -1,30 +1,46 @@
-"""FastAPI app: text and image search, item metadata, thumbnails, health, and the web page.
+"""FastAPI app: text and image search, item metadata, thumbnails, health, metrics, web page.
 
-The index and its model load once, when the app is created; requests only encode the query and
-search. Bad requests get a 4xx answer with a JSON body {"error": "..."}; the server keeps serving.
+The index (a directory, or a sharded index: a directory with `shards.json`) and its model load
+once, when the app is created. Every search goes through one dynamic batcher (see `batcher`):
+concurrent queries share an encoder forward pass and a batched search; past the queue bound the
+service answers 503 with `Retry-After` at once. Between batches the index switches to a newer
+generation committed by another process (`rshash index add/remove`). Bad requests get a 4xx
+answer with a JSON body {"error": "..."}; the server keeps serving.
 """
 
 from __future__ import annotations
 
-import asyncio
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+import torch
+from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
-from rshash.service.geo_routes import bbox_filter, geo_router, render, tile_png
+from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
+from rshash.service.batcher import BatchConfig, Batcher, QueueFull
+from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
+from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
+from rshash.service.geo_routes import geo_router, render, tile_png
 from rshash.service.thumbnails import thumbnail_of
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/tiff", "image/webp", "image/bmp", "image/gif"}
+log = logging.getLogger("rshash.service")
 
 
 @dataclass(frozen=True)
@@ -34,36 +50,105 @@ class ServiceConfig:
     max_k: int = 200
     thumbnail_size: int = 256
     device: str = "auto"
+    max_batch: int = 64  # queries per encoder pass and batched search
+    max_wait_ms: float = 2.0  # under load, how long a batch waits to fill
+    max_queue: int = 128  # queries waiting beyond this are answered 503 at once
+    max_queue_ms: float | None = None  # also 503 when the waiting queries need longer than this
+    retry_after_s: int = 1  # the Retry-After of a 503
+    refresh_interval_s: float = 1.0  # how often (between batches) to look for a new generation
+    shard_timeout_s: float = 10.0  # sharded index: longest wait for a shard's answer
+    ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
+    shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
+    torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
 
 
 class TextQuery(BaseModel):
     query: str = Field(min_length=1, description="What to look for, in words.")
     k: int = Field(default=20, ge=1, description="Number of results.")
     collection: Literal["images", "captions"] = "images"
-    bbox: list[float] | None = Field(
-        default=None,
-        description="Keep items whose WGS84 bounds meet [minlon, minlat, maxlon, maxlat].",
+    where: str | None = Field(default=None, description="Filter expression on item records.")
+    bbox: BBox | None = Field(
+        default=None, description="[minlon, minlat, maxlon, maxlat] (WGS84) the items must touch."
     )
     format: Literal["json", "geojson"] = Field(
         default="json", description="geojson: the results as a FeatureCollection (QGIS opens it)."
     )
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    """A JSON response without FastAPI's per-field encoder (records are plain JSON already)."""
+    data = json.dumps(body, ensure_ascii=False).encode()
+    return Response(data, status_code=status, media_type="application/json")
+
+
+def _parse_bbox(text: str | None) -> BBox | None:
+    """A bbox form field: four numbers, comma-separated or as a JSON array."""
+    if text is None or not text.strip():
+        return None
+    try:
+        values = [float(v) for v in text.strip().strip("[]").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise HTTPException(422, f"bbox: expected minlon,minlat,maxlon,maxlat, got {text!r}")
+    return (values[0], values[1], values[2], values[3])
+
+
+def open_index(path: str | Path, cfg: ServiceConfig) -> Index | ShardedIndex:
+    path = Path(path)
+    if (path / SHARDS).is_file():
+        return ShardedIndex(path, cfg.ray_address, cfg.shard_timeout_s, cfg.shard_cpus)
+    return Index.open(path, device=cfg.device)
 
 
 def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> FastAPI:
     cfg = config or ServiceConfig()
-    index = Index.open(index_path, device=cfg.device)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    index = open_index(index_path, cfg)
     thumbs = Path(index_path) / "thumbnails"
-    # One query at a time (it uses every core; encoders are not re-entrant). asyncio.Lock
-    # queues waiters first come, first served, which keeps tail latency near queue length.
-    lock = asyncio.Lock()
-    app = FastAPI(
-        title="rshash search", description="Hash-code search over a remote-sensing archive."
+    metrics = ServiceMetrics()
+    filters_supported = "where" in inspect.signature(index.search_codes).parameters
+    last_refresh = [time.monotonic()]
+
+    def between_batches() -> None:
+        """Runs in the batch thread before each batch: pick up a newly committed generation."""
+        if time.monotonic() - last_refresh[0] < cfg.refresh_interval_s:
+            return
+        last_refresh[0] = time.monotonic()
+        try:
+            if index.refresh():
+                log.info("switched to index generation %d", index.generation)
+        except Exception:  # a failed look must not fail the batch; the next one tries again
+            log.exception("index refresh failed")
+
+    batcher: Batcher[SearchRequest, list[Hit]] = Batcher(
+        lambda requests: search_batch(index, requests),
+        BatchConfig(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.max_queue_ms),
+        between=between_batches,
+        on_batch=metrics.batch_size.observe,
     )
-    images = index.collections.get("images")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await batcher.close()
+
+    app = FastAPI(
+        title="rshash search",
+        description="Hash-code search over a remote-sensing archive.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    def counts() -> dict[str, int]:
+        if isinstance(index, ShardedIndex):
+            return index.counts()
+        return {name: len(col) for name, col in index.collections.items()}
 
     def item_of(item_id: str) -> dict[str, Any]:
         try:
@@ -74,28 +159,43 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     def result(hit: Hit) -> dict[str, Any]:
         image_id = hit.item.get("image", hit.id)
         url = f"/items/{quote(str(image_id))}"
-        return {
-            **hit.to_dict(),
-            "thumbnail": f"{url}/thumbnail",
-            "image_url": f"{url}/image",
-        }
+        return {**hit.to_dict(), "thumbnail": f"{url}/thumbnail", "image_url": f"{url}/image"}
 
-    def check_k(k: int) -> None:
+    def check_options(k: int, where: str | None, bbox: BBox | None) -> None:
         if not 1 <= k <= cfg.max_k:
             raise HTTPException(422, f"k: expected 1 to {cfg.max_k}, got {k}")
+        if (where is not None or bbox is not None) and not filters_supported:
+            field = "where" if where is not None else "bbox"
+            raise HTTPException(422, f"{field}: this index does not support filters")
 
-    def answer(hits: list[Hit], **query: Any) -> dict[str, Any]:
-        return {**query, "count": len(hits), "results": [result(h) for h in hits]}
+    async def search(request: SearchRequest) -> list[Hit]:
+        try:
+            return await batcher.submit(request)
+        except QueueFull as exc:
+            metrics.shed.inc()
+            raise HTTPException(
+                503,
+                f"service busy ({exc}); retry in {cfg.retry_after_s} s",
+                headers={"Retry-After": str(cfg.retry_after_s)},
+            ) from None
+
+    def answer(hits: list[Hit], output: str, **query: Any) -> Response:
+        body = {**query, "count": len(hits), "results": [result(h) for h in hits]}
+        return _json(render(body, output))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(422, f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(ShardUnavailable)
+    async def shard_down(request: Request, exc: ShardUnavailable) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": str(cfg.retry_after_s)})
 
     @app.exception_handler(RshashError)
     async def rshash_error(request: Request, exc: RshashError) -> JSONResponse:
@@ -106,38 +206,58 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         return files("rshash.service").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {
+    async def healthz() -> Response:
+        n = counts()
+        body: dict[str, Any] = {
             "status": "ok",
-            "images": len(images) if images else 0,
-            "captions": len(index.collections["captions"])
-            if "captions" in index.collections
-            else 0,
+            "images": n.get("images", 0),
+            "captions": n.get("captions", 0),
             "bits": index.bits,
             "engine": index.manifest["engine"]["name"],
             "model": index.manifest["model"]["method"],
+            "generation": index.generation,
         }
+        if isinstance(index, ShardedIndex):
+            down = await run_in_threadpool(index.degraded)
+            body["shards"] = len(index.names)
+            body["shard_nodes"] = dict(index.nodes)
+            if down:
+                body.update(status="degraded", degraded_shards=down)
+                return _json(body, 503)
+        return _json(body)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        metrics.queue_depth.set(batcher.depth)
+        metrics.generation.set(index.generation)
+        for name, count in counts().items():
+            metrics.items.labels(name).set(count)
+        if isinstance(index, ShardedIndex):
+            metrics.degraded.set(len(index.last_degraded))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/search/text")
-    async def search_text(q: TextQuery) -> dict[str, Any]:
+    async def search_text(q: TextQuery) -> Response:
         if len(q.query) > cfg.max_query_chars:
             raise HTTPException(422, f"query: longer than {cfg.max_query_chars} characters")
-        check_k(q.k)
-        filters = bbox_filter(q.bbox)
-        async with lock:
-            hits = await run_in_threadpool(index.search_text, q.query, q.k, q.collection, **filters)
-        return render(answer(hits, query=q.query, k=q.k, collection=q.collection), q.format)
+        if not q.query.strip():
+            raise RshashError("empty text query")
+        check_options(q.k, q.where, q.bbox)
+        hits = await search(SearchRequest(q.k, q.collection, None, q.where, q.bbox, text=q.query))
+        extra = {n: v for n, v in (("where", q.where), ("bbox", q.bbox)) if v is not None}
+        return answer(hits, q.format, query=q.query, k=q.k, collection=q.collection, **extra)
 
     @app.post("/search/image")
     async def search_image(
         file: Annotated[UploadFile, File(description="Query image (JPEG, PNG, TIFF, ...)")],
         k: Annotated[int, Form()] = 20,
         collection: Annotated[Literal["images", "captions"], Form()] = "images",
+        where: Annotated[str | None, Form(description="Filter expression.")] = None,
         bbox: Annotated[str | None, Form(description="minlon,minlat,maxlon,maxlat")] = None,
         format: Annotated[Literal["json", "geojson"], Form()] = "json",
-    ) -> dict[str, Any]:
-        check_k(k)
-        filters = bbox_filter(bbox)
+    ) -> Response:
+        box = _parse_bbox(bbox)
+        check_options(k, where, box)
         if file.content_type not in IMAGE_TYPES:
             raise HTTPException(
                 415,
@@ -149,9 +269,10 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             raise HTTPException(
                 413, f"upload {file.filename!r}: larger than {cfg.max_upload_bytes} bytes"
             )
-        async with lock:
-            hits = await run_in_threadpool(index.search_image, data, k, collection, **filters)
-        return render(answer(hits, k=k, collection=collection, filename=file.filename), format)
+        view = await run_in_threadpool(image_view, data, repr(file.filename), index.encoder)
+        hits = await search(SearchRequest(k, collection, None, where, box, image=view))
+        extra = {n: v for n, v in (("where", where), ("bbox", box)) if v is not None}
+        return answer(hits, format, k=k, collection=collection, filename=file.filename, **extra)
 
     @app.get("/items/{item_id:path}/thumbnail", response_class=FileResponse)
     def item_thumbnail(item_id: str) -> FileResponse:

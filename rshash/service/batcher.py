@@ -1,0 +1,153 @@
+"""Dynamic batching: concurrent requests gathered into one call, with a bounded queue.
+
+Every search endpoint submits its request to one `Batcher`. A single worker task takes what is
+waiting (up to `max_batch`), hands the list to the batch function in a worker thread, and gives
+each caller its own result or exception. A lone request on an idle service goes straight through;
+only while requests arrive concurrently (the previous batch held more than one) does the worker
+wait up to `max_wait_ms` for the batch to fill. Past `max_queue` waiting requests, or (with
+`max_queue_ms`) when the requests already waiting would take longer than that to serve at the
+recent rate, `submit` raises `QueueFull` at once (the service answers 503), so accepted requests
+keep their latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    """The batcher's queue is at its bound; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    max_queue_ms: float | None = None
+
+
+BatchFn = Callable[[list[T]], Sequence[R | BaseException]]
+
+
+class Batcher(Generic[T, R]):
+    """Gathers submitted items into batches for `fn(items) -> results` (one per item, in order).
+
+    `fn` runs in a worker thread, one batch at a time; it returns a result or an exception per
+    item, so one bad request fails alone. `between` (optional) runs in the same thread before each
+    batch: the place for work that must not overlap a batch, such as switching index generation.
+    """
+
+    def __init__(
+        self,
+        fn: BatchFn[T, R],
+        config: BatchConfig | None = None,
+        between: Callable[[], object] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.config = config or BatchConfig()
+        self.between = between
+        self.on_batch = on_batch
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._last_batch = 0
+        self._item_seconds = 0.0  # recent time per item, a moving average over batches
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._queue)
+
+    @property
+    def expected_wait(self) -> float:
+        """Seconds the requests now waiting would take to serve at the recent rate."""
+        return len(self._queue) * self._item_seconds
+
+    async def submit(self, item: T) -> R:
+        cfg = self.config
+        if len(self._queue) >= cfg.max_queue:
+            raise QueueFull(f"{len(self._queue)} queries waiting")
+        if cfg.max_queue_ms is not None and self.expected_wait * 1000 > cfg.max_queue_ms:
+            work = f"{self.expected_wait:.2f} s of work"
+            raise QueueFull(f"{len(self._queue)} queries waiting, {work}")
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, future))
+        assert self._wake is not None
+        self._wake.set()
+        return await future
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _gather(self) -> list[tuple[T, asyncio.Future[R]]]:
+        """Wait for work, then take up to max_batch (waiting max_wait_ms while under load)."""
+        assert self._wake is not None
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+        cfg = self.config
+        if self._last_batch > 1 and len(self._queue) < cfg.max_batch and cfg.max_wait_ms > 0:
+            deadline = time.perf_counter() + cfg.max_wait_ms / 1000
+            while len(self._queue) < cfg.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    break
+        batch, self._queue = self._queue[: cfg.max_batch], self._queue[cfg.max_batch :]
+        return [(item, fut) for item, fut in batch if not fut.cancelled()]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            self._last_batch = len(batch)
+            if not batch:
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            items = [item for item, _ in batch]
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(None, self._call, items)
+            except Exception as exc:  # the whole batch failed: every caller gets the error
+                results = [exc] * len(batch)
+            per_item = (time.perf_counter() - start) / len(batch)
+            self._item_seconds = (
+                per_item if not self._item_seconds else (0.7 * self._item_seconds + 0.3 * per_item)
+            )
+            for (_, fut), res in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    def _call(self, items: list[T]) -> Sequence[R | BaseException]:
+        if self.between is not None:
+            self.between()
+        results = self.fn(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)}")
+        return results

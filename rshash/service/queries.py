@@ -1,0 +1,86 @@
+"""Search requests and the batch function the service's batcher runs them through.
+
+A batch of text and image requests is encoded in (at most) one text and one image forward pass;
+requests with the same options (collection, radius, where, bbox: everything but k) share one
+`search_codes` call at the group's largest k, and each caller's list is cut to its own k.
+Exact engines break ties by key, so the cut list equals the one-at-a-time answer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rshash.features.views import plain_view
+from rshash.index.encoder import CodeEncoder, decode_image
+from rshash.index.index import Hit, Searcher
+from rshash.index.packing import pack_codes
+
+BBox = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One query: a text, or an image already in the encoder's input view."""
+
+    k: int
+    collection: str = "images"
+    radius: int | None = None
+    where: str | None = None
+    bbox: BBox | None = None
+    text: str | None = None
+    image: Image.Image | None = None
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.collection, self.radius, self.where, self.bbox)
+
+
+def image_view(data: bytes, name: str, encoder: CodeEncoder) -> Image.Image:
+    """Decode an uploaded image and bring it to the encoder's input view (run in a thread)."""
+    return plain_view(decode_image(data, name), encoder.views)
+
+
+def encode_views(encoder: CodeEncoder, views: Sequence[Image.Image]) -> np.ndarray:
+    """Packed codes of images already in the encoder's input view: one forward pass."""
+    with torch.no_grad():
+        return pack_codes(encoder.run.encode_images(encoder.image_encoder.encode(views)))
+
+
+def search_batch(index: Searcher, requests: list[SearchRequest]) -> list[list[Hit] | Exception]:
+    """Answers to `requests`, in order; a failing group fails only its own requests."""
+    encoder = index.encoder
+    codes = np.zeros((len(requests), encoder.run.bits // 8), np.uint8)
+    texts = [i for i, r in enumerate(requests) if r.text is not None]
+    images = [i for i, r in enumerate(requests) if r.image is not None]
+    if texts:
+        codes[texts] = encoder.encode_texts([requests[i].text or "" for i in texts])
+    if images:
+        views = [requests[i].image for i in images]
+        codes[images] = encode_views(encoder, [v for v in views if v is not None])
+    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[r.group()].append(i)
+    out: list[list[Hit] | Exception] = [[] for _ in requests]
+    for members in groups.values():
+        first = requests[members[0]]
+        filters: dict[str, Any] = {}
+        if first.where is not None:
+            filters["where"] = first.where
+        if first.bbox is not None:
+            filters["bbox"] = first.bbox
+        k = max(requests[i].k for i in members)
+        try:
+            found = index.search_codes(codes[members], k, first.collection, first.radius, **filters)
+        except Exception as exc:
+            for i in members:
+                out[i] = exc
+            continue
+        for i, hits in zip(members, found, strict=True):
+            out[i] = hits if first.radius is not None else hits[: requests[i].k]
+    return out
