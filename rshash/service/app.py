@@ -34,9 +34,9 @@ from rshash.errors import RshashError
 from rshash.index import Hit, Index
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
+from rshash.service.geo_routes import geo_router, render, tile_png
 from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
 from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
-from rshash.service.geo_routes import geo_router, render, tile_png
 from rshash.service.thumbnails import thumbnail_of
 
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/tiff", "image/webp", "image/bmp", "image/gif"}
