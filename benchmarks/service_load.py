@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ class Connection:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.answered = 0
+
+    @property
+    def reused(self) -> bool:
+        return self.answered > 0
 
     async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
         if self.writer is None:
@@ -137,7 +143,9 @@ class Connection:
             for k, _, v in (h.partition(":") for h in lines[1:])
             if k.lower() == "content-length"
         )
-        return status, await self.reader.readexactly(length)
+        body = await self.reader.readexactly(length)
+        self.answered += 1
+        return status, body
 
     def close(self) -> None:
         if self.writer is not None:
@@ -221,9 +229,19 @@ async def open_loop(port: int, requests: list[Request], rate: float, seconds: fl
         try:
             status, _ = await conn.post(*request)
         except (OSError, asyncio.IncompleteReadError) as exc:
-            tally.errors.append(type(exc).__name__)
             conn.close()
-            return
+            if conn.reused:  # the server closed an idle keep-alive connection: a fresh one
+                conn = Connection(port)
+                tally.connections += 1
+                try:
+                    status, _ = await conn.post(*request)
+                except (OSError, asyncio.IncompleteReadError) as again:
+                    tally.errors.append(type(again).__name__)
+                    conn.close()
+                    return
+            else:
+                tally.errors.append(type(exc).__name__)
+                return
         _record(tally, status, time.perf_counter() - scheduled)
         idle.append(conn)
 
@@ -304,7 +322,7 @@ def main() -> None:
     image_requests = [image_request(n, d) for n, d in images]
 
     server = start_server(index_path, args.port)
-    results, shed_ms, load = [], {}, {}
+    results, shed_ms, load, error_kinds = [], {}, {}, {}
     try:
 
         def run(scenario: str, kind: str, coro: Any, offered: float | None) -> dict:
@@ -315,6 +333,8 @@ def main() -> None:
             e = entry(scenario, kind, tally, seconds, limits_before[kind], offered)
             results.append(e)
             load[scenario] = {"before": before, "after": os.getloadavg()}
+            if tally.errors:
+                error_kinds[scenario] = dict(Counter(tally.errors))
             if tally.shed:
                 shed = np.array(tally.shed) * 1000
                 shed_ms[scenario] = {
@@ -347,6 +367,7 @@ def main() -> None:
     record = {
         "scenarios": results,
         "shed_answer_ms": shed_ms,
+        "error_kinds": error_kinds,
         "loadavg": load,
         "encoder_limits": {"before": limits_before, "after": limits_after},
         "pool": {"texts": len(texts), "images": len(images)},
@@ -379,6 +400,8 @@ def main() -> None:
         + markdown_table(keys, rows)
         + "\n\nShed requests:\n\n"
         + (shed_lines or "- none\n")
+        + "\nErrors by kind (HTTP status or client exception):\n\n"
+        + ("".join(f"- {n}: {v}\n" for n, v in error_kinds.items()) or "- none\n")
         + "\nCPU load (shared machine, os.getloadavg, 1 min):\n\n"
         + load_lines
     )
