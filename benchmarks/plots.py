@@ -25,7 +25,7 @@ DIRECTIONS = {"i2t": "image → text", "t2i": "text → image"}
 def _series(
     records: list[dict], key: Callable[[dict], str | None], x: str, direction: str
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """name → (x values, mean, std) of `direction`'s mAP@20 over seeds."""
+    """name → (x values, mean, sample std) of `direction`'s mAP@20 over seeds."""
     groups: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         name = key(r)
@@ -35,7 +35,8 @@ def _series(
     for name, by_x in groups.items():
         xs = np.array(sorted(by_x))
         vals = [by_x[v] for v in xs]
-        out[name] = (xs, np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals]))
+        std = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        out[name] = (xs, np.array([np.mean(v) for v in vals]), np.array(std))
     return out
 
 
@@ -52,7 +53,7 @@ def noise_sweep() -> None:
 
     def key(r: dict) -> str | None:
         if r["method"] == "chnr":
-            return f"CHNR {r['weighting']}" if r["weighting"] in ("soft", "cubed") else None
+            return "CHNR (weighting chosen on validation)"
         return names.get(r["method"])
 
     paper = paper_table()
