@@ -136,9 +136,10 @@ def _map20(trainer, store, split):
 
 @pytest.mark.slow
 def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, tmp_path):
-    # 50 epochs after the detector's phase: over 20, the gap on the sum of both directions was
-    # 0.01-0.07 from run to run (training amplifies float noise); over 50 it was 0.10-0.14.
-    meta, total = 30, 80
+    """Guards against a detector that cannot tell swapped captions from true ones, and pair
+    weights that do not help: at p = 0.5 soft weights must beat the unweighted run from the
+    same phase 1 (trainers seed themselves, so this comparison is the same on every run)."""
+    meta, total = 30, 50
     cfg = TrainConfig(
         features=str(ucm_features),
         method="chnr",
@@ -154,8 +155,8 @@ def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, t
         weighted.run_epoch(epoch)
     p = weighted.pairs
     scores = weighted.detector.weights(weighted.detector_input(p.image, p.text)).numpy()
-    auc = noise_detection_scores(scores, weighted.noisy)["noise_auc"]
-    assert auc > 0.85, f"noise-detection ROC-AUC after phase 1: {auc:.3f} (chance 0.5)"
+    auc = weighted.detection_scores(scores)["noise_auc"]  # unprotected pairs only
+    assert auc > 0.9, f"noise-detection ROC-AUC after phase 1: {auc:.3f} (chance 0.5)"
 
     ones_cfg = replace(cfg, chnr=replace(cfg.chnr, weighting="ones"))
     unweighted = build_trainer(ones_cfg, store, split, tmp_path / "ones")
@@ -169,5 +170,5 @@ def test_detector_separates_noise_and_weighting_beats_unweighted(ucm_features, t
         f"T→I {ours['t2i']:.3f}; unweighted I→T {base['i2t']:.3f} T→I {base['t2i']:.3f}; "
         f"detector AUC {auc:.3f}"
     )
-    assert ours["i2t"] + ours["t2i"] > base["i2t"] + base["t2i"] + 0.03, message
     print(message)
+    assert ours["i2t"] > base["i2t"] and ours["t2i"] > base["t2i"], message
