@@ -61,8 +61,11 @@ def noise_sweep() -> None:
     for ax, (d, title) in zip(axes, DIRECTIONS.items(), strict=True):
         for name, (xs, mean, std) in _series(records, key, "p", d).items():
             ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=name)
-        best = paper[("DUCH-NR-EW", d)]
-        ax.plot(list(best), list(best.values()), "k--", label="paper CHNR (EW)")
+        ps = sorted(paper[("DUCH-NR-EW", d)])
+        best = [
+            max(paper[(n, d)][p] for n in ("DUCH-NR-NW", "DUCH-NR-EW", "DUCH-NR-DW")) for p in ps
+        ]
+        ax.plot(ps, best, "k--", label="paper, best CHNR weighting")
         ax.set(title=f"UCM, 64 bits, {title}", xlabel="noise probability p")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mAP@20 (DUCH def.)")
