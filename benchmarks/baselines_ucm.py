@@ -13,8 +13,8 @@ from dataclasses import replace
 
 from benchmarks.common import CACHE, markdown_table, write_results
 from benchmarks.duch_ucm import (
-    _mean_std,
     base_config,
+    mean_std,
     override,
     paper_rows,
     run_once,
@@ -58,7 +58,7 @@ def main() -> None:
             sel = [r for r in records if r["method"] == method and r["bits"] == bits]
             row = [method.upper(), str(bits)]
             for d in ("i2t", "t2i"):
-                row.append(_mean_std([r[f"{d}_map20"] for r in sel]))
+                row.append(mean_std([r[f"{d}_map20"] for r in sel]))
                 ref = paper.get((d, bits))
                 row.append(f"{ref:.3f}" if ref else "—")
                 ours = sum(r[f"{d}_map20"] for r in sel) / len(sel)
@@ -66,7 +66,7 @@ def main() -> None:
             rows.append(row)
     header = ["method", "bits", "I→T ours", "I→T paper", "ratio", "T→I ours", "T→I paper", "ratio"]
     title = (
-        "# DJSRH and JDSH on clean UCM-Captions, mAP@20 (DUCH definition), mean ± std over "
+        "# DJSRH and JDSH on clean UCM-Captions, mAP@20 (DUCH definition), mean ± sample std over "
         f"seeds {args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
         f"{args.epochs} epochs, batch 256, Adam 1e-3 {' '.join(args.set)}; joint matrix "
         "β = 0.6, η = 0.4, μ = 1.5, "
@@ -74,7 +74,10 @@ def main() -> None:
         "../shared/anchors/duch-paper-map20.csv (ResNet-18 + BERT features).\n\n"
     )
     write_results(
-        "baselines_ucm" + (f"-{tag}" if tag else ""), records, title + markdown_table(header, rows)
+        "baselines_ucm" + (f"-{tag}" if tag else ""),
+        records,
+        title + markdown_table(header, rows),
+        trained_on=records,
     )
 
 

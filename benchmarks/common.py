@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rshash.fileio import write_json_atomic, write_text_atomic
-from rshash.reproducibility import provenance
+from rshash.reproducibility import machine, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -18,20 +17,61 @@ DATA_ROOT = Path(os.environ.get("RSHASH_DATA", REPO.parent / "shared" / "dataset
 ANCHORS = DATA_ROOT.parent / "anchors"
 CACHE = REPO / ".cache" / "benchmarks"
 
+__all__ = ["machine"]
 
-def machine() -> dict[str, Any]:
+# The code a trained result depends on: a change here invalidates cached results.
+TRAINING_CODE = (
+    "rshash/training",
+    "rshash/losses",
+    "rshash/models",
+    "rshash/data/noise.py",
+    "rshash/data/splits.py",
+    "rshash/evaluation/metrics.py",
+    "rshash/evaluation/protocol.py",
+)
+
+
+def training_code_revision() -> str:
+    """SHA-256 (12 hex digits) of the training and scoring sources, committed or not."""
+    digest = hashlib.sha256()
+    for root in TRAINING_CODE:
+        path = REPO / root
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(f.relative_to(REPO)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_key(config: Any) -> str:
+    """Key of a cached result: the training code's revision and the full configuration."""
+    blob = json.dumps({"code": training_code_revision(), "config": config}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_provenance() -> dict[str, Any]:
+    """What each trained record carries: where it trained and with which code."""
     return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine": machine(),
+        "code": training_code_revision(),
+        "git": provenance()["git_revision"],
     }
 
 
-def write_results(name: str, records: Any, markdown: str) -> None:
+def write_results(
+    name: str, records: Any, markdown: str, trained_on: list[dict[str, Any]] | None = None
+) -> None:
+    """`name`.json and `name`.md; `trained_on` (records with `machine`) lists where runs
+    trained, beside the machine that assembled the table."""
     write_json_atomic(RESULTS / f"{name}.json", records)
     meta = provenance()
-    footer = f"\n\nMachine: {machine()}; git {meta['git_revision']}.\n"
+    footer = f"\n\nTable assembled on: {machine()}; git {meta['git_revision']}.\n"
+    if trained_on is not None:
+        machines = sorted({json.dumps(r.get("machine"), sort_keys=True) for r in trained_on})
+        codes = sorted({str(r.get("code")) for r in trained_on})
+        footer += (
+            f"Runs trained on: {'; '.join(machines)} (null: recorded before this was tracked); "
+            f"training code revision(s): {', '.join(codes)}.\n"
+        )
     write_text_atomic(RESULTS / f"{name}.md", markdown + footer)
     print(markdown)
 

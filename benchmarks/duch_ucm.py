@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ANCHORS, CACHE, DATA_ROOT, markdown_table, write_results
+from benchmarks.common import (
+    ANCHORS,
+    CACHE,
+    DATA_ROOT,
+    cache_key,
+    markdown_table,
+    run_provenance,
+    write_results,
+)
 from rshash.data import load_dataset
 from rshash.evaluation.protocol import evaluate_run
 from rshash.features import ExtractConfig, FeatureStore, extract_features
@@ -42,15 +50,22 @@ def ucm_features() -> Path:
 
 
 def run_once(cfg: TrainConfig, run_dir: Path, store: FeatureStore) -> dict[str, Any]:
-    """Train (or reuse) one run and return its mAP@20 (DUCH def.) per direction."""
+    """Train (or reuse) one run and return its mAP@20 (DUCH def.) per direction.
+
+    The run directory is keyed by the training code's revision and the full config, so a
+    cached result is reused only for the same code and settings; the record says where the
+    run trained.
+    """
+    run_dir = run_dir.with_name(f"{run_dir.name}-{cache_key(cfg.to_dict())}")
     done = run_dir / "bench.json"
     if done.exists():
         return dict(json.loads(done.read_text()))
     train(cfg, run_dir, progress=False)
     run = HashRun.open(run_dir)
     metrics = evaluate_run(run, store)["directions"]
-    record = {f"{d}_map20": metrics[d]["map@20_duch"] for d in DIRECTIONS}
+    record: dict[str, Any] = {f"{d}_map20": metrics[d]["map@20_duch"] for d in DIRECTIONS}
     record["train_seconds"] = run.info["train_seconds"]
+    record.update(run_provenance())
     done.write_text(json.dumps(record))
     return record
 
@@ -87,8 +102,11 @@ def paper_rows(method: str = "DUCH") -> dict[tuple[str, int], float]:
     return rows
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+def mean_std(values: list[float]) -> str:
+    """Mean ± sample standard deviation (ddof = 1); one value is marked as such."""
+    if len(values) < 2:
+        return f"{np.mean(values):.3f} (1 seed)"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def main() -> None:
@@ -98,6 +116,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument(
+        "--ablations", nargs="+", default=list(ABLATIONS), help="Variants of the ablation to run."
+    )
     parser.add_argument("--set", nargs="+", default=[], help="Config overrides, e.g. lr=...")
     args = parser.parse_args()
     tag = variant_tag(args.set)
@@ -123,11 +144,11 @@ def main() -> None:
         for d in ("i2t", "t2i"):
             ours = [r[f"{d}_map20"] for r in sel]
             row += [
-                _mean_std(ours),
+                mean_std(ours),
                 f"{paper[(d, bits)]:.3f}",
                 f"{np.mean(ours) / paper[(d, bits)]:.2f}",
             ]
-        row += [_mean_std([r[f"{d}_map20"] for r in sel]) for d in ("i2i", "t2t")]
+        row += [mean_std([r[f"{d}_map20"] for r in sel]) for d in ("i2i", "t2t")]
         row.append(f"{np.mean([r['train_seconds'] for r in sel]):.0f}")
         rows.append(row)
     header = [
@@ -143,18 +164,20 @@ def main() -> None:
         "train s",
     ]
     title = (
-        f"# DUCH on UCM-Captions, mAP@20 (DUCH definition), mean ± std over seeds "
+        f"# DUCH on UCM-Captions, mAP@20 (DUCH definition), mean ± sample std over seeds "
         f"{args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
         f"{args.epochs} epochs, {', '.join(args.set) or 'paper defaults'}. Paper: ResNet-18 + "
         "BERT features (../shared/anchors/duch-paper-map20.csv).\n\n"
     )
     name = "duch_ucm" + (f"-{tag}" if tag else "")
-    write_results(name, records, title + markdown_table(header, rows))
+    write_results(name, records, title + markdown_table(header, rows), trained_on=records)
 
     if args.no_ablation or tag:
         return
     ablation = []
     for name, change in ABLATIONS.items():
+        if name not in args.ablations:
+            continue
         for seed in args.ablation_seeds:
             cfg = change(base_config(features, 64, seed, args.epochs))
             tag = "duch-b64" if name == "full" else "abl-" + "".join(c for c in name if c.isalnum())
@@ -166,21 +189,22 @@ def main() -> None:
         for d in DIRECTIONS
     }
     rows = []
-    for name in ABLATIONS:
+    for name in args.ablations:
         sel = [r for r in ablation if r["variant"] == name]
         row = [name]
         for d in DIRECTIONS:
             vals = [r[f"{d}_map20"] for r in sel]
-            row.append(f"{_mean_std(vals)} ({np.mean(vals) - full[d]:+.3f})")
+            row.append(f"{mean_std(vals)} ({np.mean(vals) - full[d]:+.3f})")
         rows.append(row)
     title = (
-        f"# DUCH ablation at 64 bits on UCM, mAP@20 (DUCH def.), mean ± std over seeds "
+        f"# DUCH ablation at 64 bits on UCM, mAP@20 (DUCH def.), mean ± sample std over seeds "
         f"{args.ablation_seeds}; in brackets: change against the full method\n\n"
     )
     write_results(
         "duch_ablation",
         ablation,
         title + markdown_table(["variant", "I→T", "T→I", "I→I", "T→T"], rows),
+        trained_on=ablation,
     )
 
 

@@ -25,7 +25,7 @@ DIRECTIONS = {"i2t": "image → text", "t2i": "text → image"}
 def _series(
     records: list[dict], key: Callable[[dict], str | None], x: str, direction: str
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """name → (x values, mean, std) of `direction`'s mAP@20 over seeds."""
+    """name → (x values, mean, sample std) of `direction`'s mAP@20 over seeds."""
     groups: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         name = key(r)
@@ -35,7 +35,8 @@ def _series(
     for name, by_x in groups.items():
         xs = np.array(sorted(by_x))
         vals = [by_x[v] for v in xs]
-        out[name] = (xs, np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals]))
+        std = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        out[name] = (xs, np.array([np.mean(v) for v in vals]), np.array(std))
     return out
 
 
@@ -52,7 +53,7 @@ def noise_sweep() -> None:
 
     def key(r: dict) -> str | None:
         if r["method"] == "chnr":
-            return f"CHNR {r['weighting']}" if r["weighting"] in ("soft", "cubed") else None
+            return "CHNR (weighting chosen on validation)"
         return names.get(r["method"])
 
     paper = paper_table()
@@ -60,8 +61,11 @@ def noise_sweep() -> None:
     for ax, (d, title) in zip(axes, DIRECTIONS.items(), strict=True):
         for name, (xs, mean, std) in _series(records, key, "p", d).items():
             ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=name)
-        best = paper[("DUCH-NR-EW", d)]
-        ax.plot(list(best), list(best.values()), "k--", label="paper CHNR (EW)")
+        ps = sorted(paper[("DUCH-NR-EW", d)])
+        best = [
+            max(paper[(n, d)][p] for n in ("DUCH-NR-NW", "DUCH-NR-EW", "DUCH-NR-DW")) for p in ps
+        ]
+        ax.plot(ps, best, "k--", label="paper, best CHNR weighting")
         ax.set(title=f"UCM, 64 bits, {title}", xlabel="noise probability p")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mAP@20 (DUCH def.)")

@@ -161,6 +161,21 @@ def train(
             "subset, weights from a 3-component mixture on per-pair losses after warm-up."
         ),
     ] = "discrete",
+    detector_negatives: Annotated[
+        str,
+        typer.Option(
+            help="CHNR: the detector's mismatched pairs: random (another pair, no labels "
+            "needed) or other-class (needs labels; the authors' code, to reproduce the paper)."
+        ),
+    ] = "random",
+    hold_out_validation: Annotated[
+        bool,
+        typer.Option(
+            "--hold-out-validation",
+            help="Fit without the split's validation images (a seeded 10 % of training "
+            "images); `rshash evaluate` then also scores them, to choose settings on.",
+        ),
+    ] = False,
     meta_epochs: Annotated[
         int | None,
         typer.Option(
@@ -180,6 +195,7 @@ def train(
     _check_choice("--text-view", text_view, ("augmented", "perturbed", "plain"))
     _check_choice("--image-view", image_view, ("augmented", "plain"))
     _check_choice("--weighting", weighting, ("soft", "cubed", "discrete", "ones", "self"))
+    _check_choice("--detector-negatives", detector_negatives, ("random", "other-class"))
     if weighting == "self" and clean_subset is not None:
         raise RshashError("--weighting self uses no clean subset; drop --clean-subset")
     if method == "chnr" and weighting != "self" and (noise is None) == (clean_subset is None):
@@ -200,6 +216,7 @@ def train(
         image_view=image_view,  # type: ignore[arg-type]
         text_view=text_view,  # type: ignore[arg-type]
         device=device,
+        hold_out_validation=hold_out_validation,
         loss=LossConfig(
             alpha=alpha, beta=beta, gamma=gamma, temperature=temperature, intra_modal=intra_modal
         ),
@@ -214,6 +231,7 @@ def train(
             noise=noise or 0.0,
             clean_fraction=clean_fraction,
             clean_subset=str(clean_subset) if clean_subset else None,
+            detector_negatives=detector_negatives,  # type: ignore[arg-type]
         ),
     )
     run = train_run(cfg, out)

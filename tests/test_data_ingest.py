@@ -46,7 +46,7 @@ def test_tiff_sample_reads():
 def test_ucm_split_sizes_and_determinism():
     ds = load_dataset(UCM, check_images=False)
     a, b = make_split(ds, seed=7), make_split(ds, seed=7)
-    assert a.sizes() == {"train": 1050, "query": 210, "retrieval": 840}
+    assert a.sizes() == {"train": 1050, "query": 210, "retrieval": 840, "validation": 105}
     for field in ("train", "query", "retrieval", "caption_choice"):
         assert np.array_equal(getattr(a, field), getattr(b, field))
     union = np.concatenate([a.train, a.query, a.retrieval])
@@ -57,7 +57,12 @@ def test_ucm_split_sizes_and_determinism():
 def test_rsicd_sized_split():
     ids = tuple(str(i) for i in range(10921))
     s = make_split(image_ids=ids, caption_counts=np.full(10921, 5), seed=0)
-    assert s.sizes() == {"train": 5460, "query": 1092, "retrieval": 4369}
+    assert s.sizes() == {
+        "train": 5460,
+        "query": 1092,
+        "retrieval": 4369,
+        "validation": 546,
+    }
 
 
 def test_split_roundtrip_and_caption_modes(tmp_path):

@@ -52,3 +52,21 @@ def test_bad_parameters_and_clean_file(tmp_path):
     f.write_text("nothing-matches.jpg\n")
     with pytest.raises(DataError, match="none of its 1 ids"):
         read_clean_subset(f, ids)
+
+
+def test_all_captions_mode_protects_whole_images_and_never_swaps_within_one():
+    """Guards against `--caption-mode all` noise that is not noise (a swap onto another
+    caption of the same image, flagged noisy) and a clean subset drawn per caption (some
+    captions of an image protected, others corrupted)."""
+    owners = np.repeat(np.arange(200), 5)
+    labels = np.repeat(np.arange(200) % 10, 5)
+    for lab in (None, labels):
+        inj = inject_noise(
+            len(owners), p=0.8, clean_fraction=0.3, seed=4, labels=lab, owners=owners
+        )
+        per_image = inj.clean.reshape(200, 5)
+        assert (per_image.all(axis=1) | ~per_image.any(axis=1)).all()
+        assert per_image.all(axis=1).sum() == 60
+        swapped = np.flatnonzero(inj.noisy)
+        assert len(swapped) > 400
+        assert (owners[inj.caption_source[swapped]] != owners[swapped]).all()

@@ -9,7 +9,6 @@ import torch
 
 from rshash.features import FeatureStore
 from rshash.training import CHNRConfig, OptimConfig, TrainConfig
-from rshash.training.chnr import noise_detection_scores
 from rshash.training.run import build_trainer, load_or_make_split
 from rshash.training.self_weighting import clean_probability, cross_modal_losses, smooth_weights
 from tests.test_chnr import _map20
@@ -57,6 +56,9 @@ def test_cross_modal_losses_are_low_for_matching_pairs():
 
 @pytest.mark.slow
 def test_self_weights_find_noise_without_a_clean_subset(ucm_features, tmp_path):
+    """Guards against self weights that do not find the swapped pairs or do not help: they
+    must separate noise (unprotected pairs) and beat equal weights from the same warm-up
+    (trainers seed themselves, so the comparison is the same on every run)."""
     warmup, total = 20, 40
     cfg = TrainConfig(
         features=str(ucm_features),
@@ -77,7 +79,7 @@ def test_self_weights_find_noise_without_a_clean_subset(ucm_features, tmp_path):
     history = [ours.run_epoch(epoch) for epoch in range(warmup, total)]
     for epoch in range(warmup, total):
         base.run_epoch(epoch)
-    auc = noise_detection_scores(ours.weights.numpy(), ours.noisy)["noise_auc"]
+    auc = ours.detection_scores(ours.weights.numpy())["noise_auc"]
     first_auc = history[0]["noise_auc"]
     a, b = _map20(ours, store, split), _map20(base, store, split)
     message = (
@@ -86,4 +88,4 @@ def test_self_weights_find_noise_without_a_clean_subset(ucm_features, tmp_path):
     )
     print(message)
     assert auc > 0.85, message
-    assert a["i2t"] + a["t2i"] > b["i2t"] + b["t2i"], message
+    assert a["i2t"] > b["i2t"] and a["t2i"] > b["t2i"], message

@@ -9,7 +9,7 @@ import torch
 from rshash.features import FeatureStore
 from rshash.training import HashRun, LossConfig, OptimConfig, TrainConfig, train
 from rshash.training.data import training_pairs
-from rshash.training.duch import DUCHTrainer
+from rshash.training.duch import DUCHTrainer, epoch_generator
 from rshash.training.run import load_or_make_split
 
 
@@ -49,27 +49,61 @@ def test_discriminator_and_hash_steps_update_only_their_networks(ucm_features, t
     assert not _same(img, tr.image_net) and not _same(txt, tr.text_net)
 
 
-def test_adversarial_gradient_reaches_image_net_only(ucm_features, tmp_path):
+def _grad_norm(module):
+    return float(sum((p.grad**2).sum() for p in module.parameters() if p.grad is not None) ** 0.5)
+
+
+def test_adversarial_gradient_reaches_image_net_only_with_a_real_magnitude(ucm_features, tmp_path):
+    """Guards against an adversarial term applied to the text codes (the authors' bug) and
+    against one scaled to nothing (averaged while every other term is summed: its gradient
+    on the image net was 1e-5 of the others'). Runs the real `hash_step`: zero pair weights
+    silence the image-caption term, the other terms are switched off."""
     tr = _small_trainer(ucm_features, tmp_path)
-    tr.cfg.loss = LossConfig(alpha=1.0, beta=0.0, gamma=0.0, intra_modal=False)
-    codes = tr.forward_codes(torch.arange(64))
-    from rshash.losses import generator_loss
+    idx = torch.arange(64)
+    tr.cfg.loss = LossConfig(beta=0.0, gamma=0.0, intra_modal=False)  # α stays 0.01
+    tr.hash_step(idx, tr.forward_codes(idx), torch.zeros(64))
+    adversarial = _grad_norm(tr.image_net)
+    assert all(p.grad is not None for p in tr.image_net.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in tr.text_net.parameters())
 
-    generator_loss(tr.discriminator(codes[0])).backward()
-    assert all(
-        p.grad is not None and p.grad.abs().sum() > 0
-        for p in tr.image_net.parameters()
-        if p.requires_grad
-    )
-    assert all(p.grad is None for p in tr.text_net.parameters())
+    full = _small_trainer(ucm_features, tmp_path)  # same seed: same weights
+    full.hash_step(idx, full.forward_codes(idx), None)
+    ratio = adversarial / _grad_norm(full.image_net)
+    assert 1e-3 < ratio < 0.5, f"adversarial / full-loss gradient norm on the image net: {ratio}"
 
 
-def test_targets_become_signs_of_mean_codes(ucm_features, tmp_path):
+def test_targets_are_signs_of_the_summed_views(ucm_features, tmp_path):
+    """Guards against B refreshed from anything but sign(h_i + h_i' + h_t + h_t') of the
+    epoch (e.g. one view, or the codes of other rows)."""
     tr = _small_trainer(ucm_features, tmp_path)
+    seen = {}
+    forward = tr.forward_codes
+
+    def recording(idx):
+        codes = forward(idx)
+        for row, total in zip(idx.tolist(), sum(h.detach() for h in codes), strict=True):
+            seen[row] = total
+        return codes
+
+    tr.forward_codes = recording
     before = tr.targets.clone()
     tr.run_epoch(0)
-    assert set(tr.targets.unique().tolist()) == {-1.0, 1.0}
+    expected = torch.stack([torch.where(seen[r] >= 0, 1.0, -1.0) for r in range(len(tr.pairs))])
+    assert torch.equal(tr.targets, expected)
     assert not torch.equal(before, tr.targets)
+
+
+def test_a_skipped_batch_of_one_keeps_its_target(ucm_features, tmp_path):
+    """Guards against B of a pair that trained on nothing being overwritten (with +1)."""
+    tr = _small_trainer(ucm_features, tmp_path)
+    subset = np.arange(65)  # batches of 64: the last holds one pair and is skipped
+    before = tr.targets.clone()
+    tr.hash_epoch(0, subset, None)
+    order = subset[torch.randperm(65, generator=epoch_generator(tr.cfg.seed, 0)).numpy()]
+    alone = int(order[-1])
+    assert torch.equal(tr.targets[alone], before[alone])
+    assert not torch.equal(tr.targets[order[:64]], before[order[:64]])
+    assert torch.equal(tr.targets[65:], before[65:])
 
 
 def test_interrupted_training_resumes_to_the_same_result(ucm_features, tmp_path, monkeypatch):

@@ -42,25 +42,29 @@ def inject_noise(
     clean_fraction: float,
     seed: int,
     labels: np.ndarray | None = None,
+    owners: np.ndarray | None = None,
 ) -> NoiseInjection:
     """Draw the protected clean subset first, then swap each other pair's caption with prob. p.
 
     The replacement caption comes from a random other training pair of a different class when
-    `labels` are given (label-aware), else from any other pair (label-free).
+    `labels` are given (label-aware), else from any other pair (label-free). `owners` (the
+    image of each pair, for several captions per image) makes the clean subset a set of whole
+    images and keeps a swap off the image's own other captions, which would not be noise.
     """
     if not 0.0 <= p <= 1.0 or not 0.0 <= clean_fraction <= 1.0:
         raise DataError(f"noise p={p} and clean fraction c={clean_fraction} must lie in [0, 1]")
     rng = np.random.default_rng([seed, 7919])
-    clean = np.zeros(n_pairs, dtype=bool)
-    clean[rng.permutation(n_pairs)[: round(clean_fraction * n_pairs)]] = True
+    owner = np.arange(n_pairs) if owners is None else np.asarray(owners)
+    images = np.unique(owner)
+    protected = images[rng.permutation(len(images))[: round(clean_fraction * len(images))]]
+    clean = np.isin(owner, protected)
     noisy = (~clean) & (rng.random(n_pairs) < p)
     source = np.arange(n_pairs)
     for n in np.flatnonzero(noisy):
-        pool = (
-            np.flatnonzero(labels != labels[n])
-            if labels is not None
-            else np.delete(np.arange(n_pairs), n)
-        )
+        allowed = owner != owner[n]
+        if labels is not None:
+            allowed &= labels != labels[n]
+        pool = np.flatnonzero(allowed)
         if len(pool) == 0:
             raise DataError("label-aware noise needs at least two classes among training pairs")
         source[n] = pool[rng.integers(0, len(pool))]

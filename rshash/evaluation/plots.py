@@ -80,18 +80,24 @@ def plot_loss_curves(history: list[dict[str, float]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_weight_distributions(weights: list[float], noisy: list[bool], path: Path) -> None:
-    """Histograms of CHNR pair weights for truly clean and truly noisy training pairs."""
+def plot_weight_distributions(
+    weights: list[float], noisy: list[bool], path: Path, protected: list[bool] | None = None
+) -> None:
+    """Histograms of CHNR pair weights for truly clean and truly noisy training pairs
+    (the unprotected ones when `protected` marks the clean subset the detector trained on)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    clean_w = [w for w, n in zip(weights, noisy, strict=True) if not n]
-    noisy_w = [w for w, n in zip(weights, noisy, strict=True) if n]
+    keep = [not p for p in protected] if protected is not None else [True] * len(weights)
+    rows = [(w, n) for w, n, k in zip(weights, noisy, keep, strict=True) if k]
+    clean_w = [w for w, n in rows if not n]
+    noisy_w = [w for w, n in rows if n]
     bins = [i / 25 for i in range(26)]
     ax.hist(clean_w, bins=bins, alpha=0.6, label=f"clean pairs ({len(clean_w)})")
     ax.hist(noisy_w, bins=bins, alpha=0.6, label=f"noisy pairs ({len(noisy_w)})")
     ax.set(
         xlabel="detector score / pair weight",
         ylabel="training pairs",
-        title="CHNR pair weights by true noise flag",
+        title="CHNR pair weights by true noise flag"
+        + (" (unprotected pairs)" if protected is not None else ""),
     )
     ax.legend()
     _save(fig, path)

@@ -46,20 +46,26 @@ def score_directions(
 
 
 def evaluate_run(run: HashRun, store: FeatureStore) -> dict[str, Any]:
-    """Codes for every image and caption of `store`, scored in all four directions."""
+    """Codes for every image and caption of `store`, scored in all four directions.
+
+    A run that held out the validation images is also scored on them (`"validation"`: its
+    queries against every training image), the figure settings are chosen on.
+    """
     run.check_features(store)
     run.split.check_matches(store.image_ids, str(store.path))
     labels = store.require_labels()
-    scores = score_directions(
-        run.encode_images(store.image["plain"]),
-        run.encode_texts(store.text["plain"]),
-        labels,
-        run.split,
-        store.caption_offsets,
-    )
-    return {
+    image_codes = run.encode_images(store.image["plain"])
+    text_codes = run.encode_texts(store.text["plain"])
+    scores = score_directions(image_codes, text_codes, labels, run.split, store.caption_offsets)
+    out: dict[str, Any] = {
         "bits": run.bits,
         "caption_mode": run.split.caption_mode,
         "split": run.split.sizes(),
         "directions": {name: s.summary() for name, s in scores.items()},
     }
+    if run.config.hold_out_validation:
+        val = score_directions(
+            image_codes, text_codes, labels, run.split.validation_view(), store.caption_offsets
+        )
+        out["validation"] = {name: s.summary() for name, s in val.items()}
+    return out

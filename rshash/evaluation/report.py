@@ -66,6 +66,7 @@ def markdown_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
             "",
             markdown_table(metrics),
             "",
+            *_validation_lines(metrics),
             *_noise_lines(metrics),
             "![precision-recall](plots/pr_curves.png)",
             "![precision@k](plots/precision_at_k.png)",
@@ -75,15 +76,29 @@ def markdown_report(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     )
 
 
-def _noise_lines(metrics: dict[str, Any]) -> list[str]:
-    nd = metrics.get("noise_detection")
-    if not nd:
+def _validation_lines(metrics: dict[str, Any]) -> list[str]:
+    val = metrics.get("validation")
+    if not val:
         return []
+    figures = ", ".join(f"{DIRECTION_NAMES[d]} {v['map@20_duch']:.4f}" for d, v in val.items())
     return [
-        f"Noise detection ({nd['weighting']} weights): ROC-AUC {nd['noise_auc']:.3f}, "
-        f"average precision {nd['noise_ap']:.3f} of the pair weights against the true flags; "
-        f"raw detector score ROC-AUC {nd['detector_auc']:.3f}.",
-        "",
-        "![pair weights](plots/pair_weights.png)",
+        f"Validation (the {metrics['split']['validation']} held-out training images as queries "
+        f"against every training image), mAP@20 (DUCH def.): {figures}.",
         "",
     ]
+
+
+def _noise_lines(metrics: dict[str, Any]) -> list[str]:
+    nd = metrics.get("noise_detection")
+    if not nd or nd.get("noise_auc") is None:
+        return []
+    line = (
+        f"Noise detection ({nd['weighting']} weights), over the {nd['scored_pairs']} training "
+        f"pairs: ROC-AUC {nd['noise_auc']:.3f}, average precision {nd['noise_ap']:.3f} of the "
+        "pair weights against the true flags"
+    )
+    if nd.get("detector_auc") is not None:
+        line += f"; raw detector score ROC-AUC {nd['detector_auc']:.3f}"
+    if nd.get("noise_auc_all_pairs") is not None:
+        line += f"; ROC-AUC over all pairs (protected included) {nd['noise_auc_all_pairs']:.3f}"
+    return [line + ".", "", "![pair weights](plots/pair_weights.png)", ""]

@@ -32,15 +32,22 @@ def evaluate_and_report(run_path: str | Path, features: str | Path | None = None
             "weighting": detection["weighting"],
             "noise_auc": detection.get("noise_auc"),
             "noise_ap": detection.get("noise_ap"),
+            "scored_pairs": detection.get("scored_pairs", "all"),
+            "noise_auc_all_pairs": detection.get("noise_auc_all_pairs"),
             "detector_auc": detection.get("detector_auc"),
             "per_epoch": [
-                {"epoch": h["epoch"], "noise_auc": h["noise_auc"], "noise_ap": h["noise_ap"]}
+                {"epoch": h["epoch"], "noise_auc": h["noise_auc"], "noise_ap": h.get("noise_ap")}
                 for h in history
                 if "noise_auc" in h
             ],
         }
+        # Detector scores where a detector was trained; the applied weights of `self` runs.
+        scores = detection.get("detector_scores") or detection["weights"]
         plot_weight_distributions(
-            detection["detector_scores"], detection["noisy"], plots / "pair_weights.png"
+            scores,
+            detection["noisy"],
+            plots / "pair_weights.png",
+            protected=detection.get("protected"),
         )
     write_json_atomic(run.path / "metrics.json", metrics)
     plot_pr_curves(metrics, plots / "pr_curves.png")

@@ -8,13 +8,21 @@ import torch
 
 
 def critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
-    """The critic wants high scores on real (text) codes and low scores on fake (image) codes."""
+    """The critic wants high scores on real (text) codes and low scores on fake (image) codes.
+
+    Averaged: the critic has its own optimiser, and the mean keeps it on the gradient
+    penalty's scale.
+    """
     return fake_scores.mean() - real_scores.mean()
 
 
 def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
-    """The image hash network wants its codes scored like real ones."""
-    return -fake_scores.mean()
+    """The image hash network wants its codes scored like real ones.
+
+    Summed over the codes, like every other term of the hash networks' loss (the authors sum
+    their BCE): averaged, α = 0.01 scaled it to about 1/50000 of the contrastive gradient.
+    """
+    return -fake_scores.sum()
 
 
 def gradient_penalty(

@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rshash.data.noise import inject_noise, read_clean_subset
 from rshash.data.splits import Split
+from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
 from rshash.fileio import write_json_atomic
 from rshash.losses import gradient_penalty
@@ -45,8 +46,13 @@ def pair_weights(scores: torch.Tensor, weighting: str, threshold: float) -> torc
     return torch.ones_like(scores)
 
 
-def noise_detection_scores(weights: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
-    """ROC-AUC and average precision of weights as a clean-pair score against true flags."""
+def noise_detection_scores(
+    weights: np.ndarray, noisy: np.ndarray, scored: np.ndarray | None = None
+) -> dict[str, float]:
+    """ROC-AUC and average precision of weights as a clean-pair score against true flags,
+    over the pairs of the mask `scored` (all pairs if None)."""
+    if scored is not None:
+        weights, noisy = weights[scored], noisy[scored]
     clean = ~noisy
     if clean.all() or noisy.all():
         return {}
@@ -68,13 +74,20 @@ class CHNRTrainer(DUCHTrainer):
     ) -> None:
         c = cfg.chnr
         labels = store.labels[pairs.image_index] if store.labels is not None else None
+        if c.detector_negatives == "other-class" and labels is None:
+            raise RshashError(
+                f"{store.path}: --detector-negatives other-class needs class labels; "
+                "use the default, random"
+            )
         self.noisy: np.ndarray | None = None
         if c.clean_subset:
             pair_ids = [store.image_ids[i] for i in pairs.image_index]
             clean = read_clean_subset(c.clean_subset, pair_ids)
             noise_info: dict[str, Any] = {"clean_subset_file": c.clean_subset}
         else:
-            inj = inject_noise(len(pairs), c.noise, c.clean_fraction, cfg.seed, labels)
+            inj = inject_noise(
+                len(pairs), c.noise, c.clean_fraction, cfg.seed, labels, pairs.image_index
+            )
             pairs = pairs.with_captions_of(
                 pairs.caption_row[inj.caption_source], store, cfg.text_view, device
             )
@@ -87,7 +100,8 @@ class CHNRTrainer(DUCHTrainer):
                 "noisy": inj.noisy.tolist(),
                 "caption_source": inj.caption_source.tolist(),
             }
-        super().__init__(cfg, pairs, device)
+        super().__init__(cfg, pairs, device)  # seeds every generator: the detector below too
+        self.clean = clean
         self.clean_idx = np.flatnonzero(clean)
         self.labels = labels
         noise_info["clean"] = clean.tolist()
@@ -97,7 +111,10 @@ class CHNRTrainer(DUCHTrainer):
         self.detector = NoiseDetector(pairs.image.shape[1], pairs.text.shape[1], c.detector_dropout)
         self.detector.to(device)
         self.detector_optim = torch.optim.AdamW(
-            self.detector.parameters(), lr=c.detector_lr, betas=c.detector_betas
+            self.detector.parameters(),
+            lr=c.detector_lr,
+            betas=c.detector_betas,
+            weight_decay=c.detector_weight_decay,
         )
         self.threshold = 0.5
         self.weights: torch.Tensor | None = None
@@ -127,8 +144,16 @@ class CHNRTrainer(DUCHTrainer):
             "weighting": self.cfg.chnr.weighting,
         }
 
+    def detection_scores(self, weights: np.ndarray) -> dict[str, float]:
+        """AUC and AP of `weights` against the true flags over the unprotected pairs: the
+        ones CHNR has to judge (the protected clean subset trained the detector)."""
+        if self.noisy is None:
+            return {}
+        return noise_detection_scores(weights, self.noisy, ~self.clean)
+
     def write_outputs(self, run_dir: Path) -> None:
-        """noise_detection.json: final pair weights, detector scores and, with known flags, AUC."""
+        """noise_detection.json: final pair weights, detector scores and, with known flags,
+        AUC/AP over the unprotected pairs (and, labelled as such, over all pairs)."""
         p = self.pairs
         detector = self.cfg.chnr.weighting != "self"
         scores = self.detector.weights(self.detector_input(p.image, p.text)).cpu().numpy()
@@ -141,9 +166,14 @@ class CHNRTrainer(DUCHTrainer):
         }
         if self.noisy is not None:
             out["noisy"] = self.noisy.tolist()
-            out.update(noise_detection_scores(weights, self.noisy))
+            out["protected"] = self.clean.tolist()
+            out["scored_pairs"] = "unprotected"
+            out.update(self.detection_scores(weights))
+            out["noise_auc_all_pairs"] = noise_detection_scores(weights, self.noisy).get(
+                "noise_auc"
+            )
             if detector:
-                out["detector_auc"] = noise_detection_scores(scores, self.noisy).get("noise_auc")
+                out["detector_auc"] = self.detection_scores(scores).get("noise_auc")
         write_json_atomic(run_dir / "noise_detection.json", out)
 
     def detector_input(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -162,8 +192,7 @@ class CHNRTrainer(DUCHTrainer):
         if self.weights is None:
             self.weights = self.score_pairs()
         terms = self.hash_epoch(epoch, np.arange(len(self.pairs)), weights=self.weights)
-        if self.noisy is not None:
-            terms.update(noise_detection_scores(self.weights.cpu().numpy(), self.noisy))
+        terms.update(self.detection_scores(self.weights.cpu().numpy()))
         return terms
 
     def _self_weighted_epoch(self, epoch: int) -> dict[str, float]:
@@ -173,12 +202,11 @@ class CHNRTrainer(DUCHTrainer):
             return self.hash_epoch(epoch, everything, weights=None)
         self.weights = self.self_weights(epoch)
         terms = self.hash_epoch(epoch, everything, weights=self.weights)
-        if self.noisy is not None:
-            terms.update(noise_detection_scores(self.weights.cpu().numpy(), self.noisy))
+        terms.update(self.detection_scores(self.weights.cpu().numpy()))
         return terms
 
     def self_weights(self, epoch: int) -> torch.Tensor:
-        """Clean-pair probabilities from a 2-component mixture on per-pair contrastive losses."""
+        """Clean-pair probabilities from a 3-component mixture on per-pair contrastive losses."""
         p = self.pairs
         self.image_net.eval()
         self.text_net.eval()
@@ -204,21 +232,37 @@ class CHNRTrainer(DUCHTrainer):
         return pair_weights(scores, self.cfg.chnr.weighting, self.threshold)
 
     def _mismatched_partners(self, gen: torch.Generator) -> np.ndarray:
-        """For each clean pair, another clean pair (of a different class where labels exist)."""
+        """For each clean pair, another clean pair of another image: drawn at random
+        (`detector_negatives="random"`, no labels needed), or of another class."""
         idx = self.clean_idx
+        owner = self.pairs.image_index
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         rng = np.random.default_rng(seed)
         partners = np.empty_like(idx)
+        by_class = self.cfg.chnr.detector_negatives == "other-class" and self.labels is not None
         for k, n in enumerate(idx):
-            if self.labels is not None:
-                pool = idx[self.labels[idx] != self.labels[n]]
-            else:
-                pool = idx[idx != n]
+            allowed = owner[idx] != owner[n]
+            if by_class:
+                assert self.labels is not None
+                allowed &= self.labels[idx] != self.labels[n]
+            pool = idx[allowed]
+            if len(pool) == 0:
+                raise RshashError("the clean subset needs pairs of at least two images (classes)")
             partners[k] = pool[rng.integers(0, len(pool))]
         return partners
 
     def detector_epoch(self, epoch: int) -> dict[str, float]:
-        """One adversarial pass of the detector over the clean subset: true vs swapped pairs."""
+        """One adversarial pass of the detector over the clean subset: true vs swapped pairs.
+
+        Its dropout masks come from the global generator, seeded here per epoch, so an epoch
+        is the same whatever ran before it (another trainer, a resumed run).
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed * 1_000_003 + epoch * 101 + 3)
+            return self._detector_epoch(epoch)
+
+    def _detector_epoch(self, epoch: int) -> dict[str, float]:
         gen = epoch_generator(self.cfg.seed, epoch, stream=1)
         partner = dict(zip(self.clean_idx, self._mismatched_partners(gen), strict=True))
         order = self.clean_idx[torch.randperm(len(self.clean_idx), generator=gen).numpy()]
@@ -257,9 +301,10 @@ class CHNRTrainer(DUCHTrainer):
             loss.backward()
             self.detector_optim.step()
             totals["detector"] += loss.item()
-            real_scores.append(torch.sigmoid(real_logit.detach()))
-            fake_scores.append(torch.sigmoid(fake_logit.detach()))
-        real_mean = torch.cat(real_scores).mean().item()
-        fake_mean = torch.cat(fake_scores).mean().item()
+            real_scores.append(real)
+            fake_scores.append(fake)
+        # The threshold is applied to eval-mode scores (no dropout), so it is set from them.
+        real_mean = self.detector.weights(torch.cat(real_scores)).mean().item()
+        fake_mean = self.detector.weights(torch.cat(fake_scores)).mean().item()
         self.threshold = (real_mean + fake_mean) / 2
         return {**totals, "detector_real": real_mean, "detector_fake": fake_mean}

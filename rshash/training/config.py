@@ -44,6 +44,11 @@ class CHNRConfig:
     weighting: Weighting = "discrete"
     detector_lr: float = 1e-4
     detector_betas: tuple[float, float] = (0.5, 0.9)
+    detector_weight_decay: float = 1e-3  # the authors' AdamW setting (torch's default is 1e-2)
+    # Mismatched pairs the detector learns to reject: another clean pair drawn at random
+    # (needs no labels), or one of another class (needs labels; the authors' code, to
+    # reproduce the paper).
+    detector_negatives: Literal["random", "other-class"] = "random"
     detector_gp_weight: float = 10.0
     detector_dropout: float = 0.2
     noise: float = 0.0
@@ -94,6 +99,8 @@ class TrainConfig:
     image_view: Literal["augmented", "plain"] = "augmented"
     text_view: Literal["augmented", "perturbed", "plain"] = "augmented"
     device: str = "auto"
+    # Fit on the training images without the split's validation part (to choose settings).
+    hold_out_validation: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     chnr: CHNRConfig = field(default_factory=CHNRConfig)

@@ -44,11 +44,18 @@ def _rows(matrix: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.T
 
 
 def training_pairs(
-    store: FeatureStore, split: Split, image_view: str, text_view: str, device: torch.device
+    store: FeatureStore,
+    split: Split,
+    image_view: str,
+    text_view: str,
+    device: torch.device,
+    hold_out_validation: bool = False,
 ) -> PairFeatures:
+    """The pairs of the split's training images (without its validation part if held out)."""
     store.require_text()
-    images = split.caption_owners(split.train, store.caption_offsets)
-    captions = split.caption_rows(split.train, store.caption_offsets)
+    fit = split.fit_images(hold_out_validation)
+    images = split.caption_owners(fit, store.caption_offsets)
+    captions = split.caption_rows(fit, store.caption_offsets)
     return PairFeatures(
         image=_rows(store.image["plain"], images, device),
         image_aug=_rows(store.image[image_view], images, device),

@@ -17,6 +17,7 @@ from rshash.losses import (
     quantization_loss,
 )
 from rshash.models import CodeDiscriminator, HashNet
+from rshash.reproducibility import seed_everything
 from rshash.training.config import TrainConfig
 from rshash.training.data import PairFeatures
 
@@ -29,10 +30,13 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
 class DUCHTrainer:
     """Hash networks, discriminator, optimisers and target codes B, with a DUCH epoch.
 
-    `state_dict`/`load_state_dict` cover everything a resumed run needs.
+    `state_dict`/`load_state_dict` cover everything a resumed run needs. Building one seeds
+    every generator with `cfg.seed` first, so its initial weights do not depend on what the
+    process created before (CLI, API, benchmarks and tests all build trainers through here).
     """
 
     def __init__(self, cfg: TrainConfig, pairs: PairFeatures, device: torch.device) -> None:
+        seed_everything(cfg.seed)
         self.cfg, self.pairs, self.device = cfg, pairs, device
         bits = cfg.bits
         self.image_net = HashNet(pairs.image.shape[1], bits, cfg.hidden).to(device)
@@ -94,6 +98,7 @@ class DUCHTrainer:
         gen = epoch_generator(self.cfg.seed, epoch)
         order = torch.from_numpy(subset)[torch.randperm(len(subset), generator=gen)]
         code_sum = torch.zeros_like(self.targets)
+        trained: list[torch.Tensor] = []
         totals: dict[str, float] = {}
         self.image_net.train()
         self.text_net.train()
@@ -106,10 +111,12 @@ class DUCHTrainer:
             w = weights[idx] if weights is not None else None
             terms, codes = self._step(idx, w, gen)
             code_sum[idx] += codes
+            trained.append(idx)
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
-        touched = torch.from_numpy(subset).to(self.device)
-        self.targets[touched] = torch.where(code_sum[touched] >= 0, 1.0, -1.0)
+        if trained:  # B of pairs in a skipped batch of one keeps its value: no codes were seen
+            touched = torch.cat(trained)
+            self.targets[touched] = torch.where(code_sum[touched] >= 0, 1.0, -1.0)
         self.scheduler.step()
         return totals
 
@@ -117,7 +124,9 @@ class DUCHTrainer:
         self, idx: torch.Tensor, w: torch.Tensor | None, gen: torch.Generator
     ) -> tuple[dict[str, float], torch.Tensor]:
         codes = self.forward_codes(idx)
-        d_loss = self.discriminator_step(codes[0], codes[2], gen)
+        d_loss = self.discriminator_step(
+            torch.cat([codes[0], codes[1]]), torch.cat([codes[2], codes[3]]), gen
+        )
         terms = self.hash_step(idx, codes, w)
         terms["discriminator"] = d_loss
         return terms, sum(h.detach() for h in codes)  # type: ignore[return-value]
@@ -135,7 +144,8 @@ class DUCHTrainer:
     def discriminator_step(
         self, h_image: torch.Tensor, h_text: torch.Tensor, gen: torch.Generator | None = None
     ) -> float:
-        """One critic update on detached codes; the hash networks are untouched."""
+        """One critic update on detached codes (both views of each modality); the hash
+        networks are untouched."""
         real, fake = h_text.detach(), h_image.detach()
         gp = gradient_penalty(self.discriminator, real, fake, generator=gen)
         loss = critic_loss(self.discriminator(real), self.discriminator(fake))
@@ -148,7 +158,10 @@ class DUCHTrainer:
     def hash_step(
         self, idx: torch.Tensor, codes: tuple[torch.Tensor, ...], w: torch.Tensor | None
     ) -> dict[str, float]:
-        """One update of both hash networks on the full DUCH loss; the critic is frozen."""
+        """One update of both hash networks on the full DUCH loss; the critic is frozen.
+
+        The adversarial term aligns both image views with the text codes (METHODS.md).
+        """
         lc = self.cfg.loss
         h_i, h_i2, h_t, h_t2 = codes
         self.discriminator.requires_grad_(False)
@@ -159,7 +172,7 @@ class DUCHTrainer:
             intra = nt_xent(h_i, h_i2, lc.temperature, w_mean, lc.reduction) + nt_xent(
                 h_t, h_t2, lc.temperature, w_mean, lc.reduction
             )
-        adv = generator_loss(self.discriminator(h_i))
+        adv = generator_loss(self.discriminator(h_i)) + generator_loss(self.discriminator(h_i2))
         quant = quantization_loss(self.targets[idx], codes)
         balance = torch.stack([bit_balance_loss(h) for h in codes]).sum()
         loss = inter + intra + lc.alpha * adv + lc.beta * quant + lc.gamma * balance

@@ -20,7 +20,7 @@ from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path, write_json_atomic
 from rshash.models import HashNet, NoiseDetector
-from rshash.reproducibility import provenance, resolve_device, seed_everything
+from rshash.reproducibility import machine, provenance, resolve_device
 from rshash.training.config import TrainConfig
 from rshash.training.data import training_pairs
 from rshash.training.duch import DUCHTrainer
@@ -49,7 +49,9 @@ def build_trainer(
     cfg: TrainConfig, store: FeatureStore, split: Split, run_dir: Path
 ) -> DUCHTrainer:
     device = resolve_device(cfg.device)
-    pairs = training_pairs(store, split, cfg.image_view, cfg.text_view, device)
+    pairs = training_pairs(
+        store, split, cfg.image_view, cfg.text_view, device, cfg.hold_out_validation
+    )
     if cfg.method == "duch":
         return DUCHTrainer(cfg, pairs, device)
     if cfg.method in ("djsrh", "jdsh"):
@@ -62,18 +64,26 @@ def build_trainer(
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True) -> Path:
-    """Train `cfg.method` on `cfg.features`; resumes if `run_dir` holds a checkpoint of it."""
+    """Train `cfg.method` on `cfg.features`; resumes if `run_dir` holds a checkpoint of it.
+
+    The trainer seeds itself when built, so the same config gives the same codes whatever the
+    calling process did before. config.json records the code revision and the machine.
+    """
     cfg.validate()
     run_dir = Path(run_dir)
     store = FeatureStore.open(cfg.features)
     store.require_text()
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
     split = load_or_make_split(run_dir, store, cfg)
     trainer = build_trainer(cfg, store, split, run_dir)
     write_json_atomic(
         run_dir / "config.json",
-        {"config": cfg.to_dict(), "features": store.metadata, **provenance()},
+        {
+            "config": cfg.to_dict(),
+            "features": store.metadata,
+            **provenance(),
+            "machine": {**machine(), "device": str(trainer.device)},
+        },
     )
     started = time.perf_counter()
     run_epochs(trainer, cfg.optim.epochs, run_dir, config_key(cfg.to_dict()), progress)
