@@ -5,7 +5,8 @@
   columns `id`, `image`, `path`, `class`, `dataset`, `captions`, `record` (the rest of the
   item's record as JSON) and the generations `gen_added` / `gen_removed` that bound the row's
   life; indexes on id, image, (class | dataset, generations: covering a filter's key query) and
-  removed rows; an R*Tree `bounds` over the records' `bounds_wgs84`. A reader at generation G sees the rows with gen_added ≤ G < gen_removed.
+  removed rows; an R*Tree `bounds` over the records' `bounds_wgs84`. A reader at generation G
+  sees the rows with gen_added ≤ G < gen_removed.
 - `seg-<collection>-<generation>.bin`: the codes one commit added, as (int64 key, code bytes)
   pairs in key order; append-only, never rewritten, deleted only by compaction.
 - `index.json`: the manifest, replaced atomically; it names the generation and its segments.
