@@ -37,7 +37,7 @@ import numba
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import CACHE, REPO, markdown_table, write_results
+from benchmarks.common import CACHE, REPO, RESULTS, markdown_table, write_results
 from benchmarks.search import Limits, codes, paired, rate
 
 CLASSES = tuple(f"class-{i:02d}" for i in range(20))
@@ -179,6 +179,9 @@ def measure_store(run: str, path: str, n: int) -> dict[str, Any]:
     index = Index.open(path)
     open_s = time.perf_counter() - t
     opened = rss_mb() - base
+    t = time.perf_counter()
+    Index.open(path)
+    open_warm_s = time.perf_counter() - t
     rng = np.random.default_rng(3)
     ids = [f"scene-{i:08d}" for i in rng.integers(0, n, 1000)]
     lookup_ms = _median_ms(lambda i: index.item(ids[i]), 1000)
@@ -186,6 +189,7 @@ def measure_store(run: str, path: str, n: int) -> dict[str, Any]:
     index.search_codes(queries[:1], k=K)
     page_ms = _median_ms(lambda i: index.search_codes(queries[i : i + 1], k=K), 50)
     limits = Limits(n, 64)
+    page_limit_ms = 1000 / float(np.median([limits.measure(1) for _ in range(5)]))
     index.search_keys(queries[:2], K)
     batched, limit, ratio = paired(
         lambda: rate(lambda: index.search_keys(queries, K), QUERIES), lambda: limits.measure(2)
@@ -199,12 +203,15 @@ def measure_store(run: str, path: str, n: int) -> dict[str, Any]:
         lambda: rate(lambda: index.search_keys(queries, K), QUERIES),
     )
     pool = caption_pool(np.random.default_rng(5), 200)
+    new_codes, new_records = codes("clustered", 1000, 64, seed=77), make_records(n, 1000, pool, 77)
     t = time.perf_counter()
-    index.add("images", codes("clustered", 1000, 64, seed=77), make_records(n, 1000, pool, 77))
+    index.add("images", new_codes, new_records)
+    staged = time.perf_counter() - t
     index.commit()
     add_s = time.perf_counter() - t
     t = time.perf_counter()
     index.remove([f"scene-{i:08d}" for i in range(0, 1000 * (n // 1000), n // 1000)])
+    staged_remove = time.perf_counter() - t
     index.commit()
     remove_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -212,9 +219,13 @@ def measure_store(run: str, path: str, n: int) -> dict[str, Any]:
     compact_s = time.perf_counter() - t
     return {
         "open_s": open_s,
+        "open_warm_s": open_warm_s,
         "rss_mb": opened,
         "lookup_ms": lookup_ms,
         "page_ms": page_ms,
+        "page_limit_ms": page_limit_ms,
+        "add_staged_s": staged,
+        "remove_staged_s": staged_remove,
         "search_batched_qps": batched,
         "search_limit_qps": limit,
         "search_ratio": ratio,
@@ -351,12 +362,16 @@ def _fmt(v: Any) -> str:
 def report(records: list[dict[str, Any]]) -> str:
     keys = [
         "open_s",
+        "open_warm_s",
         "rss_mb",
         "codes_mb",
         "lookup_ms",
         "page_ms",
+        "page_limit_ms",
         "add_1k_s",
+        "add_staged_s",
         "remove_1k_s",
+        "remove_staged_s",
         "compact_s",
         "search_batched_qps",
         "search_limit_qps",
@@ -421,6 +436,10 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=REPO / ".cache" / "tests" / "ucm-duch64")
     parser.add_argument("--work", type=Path, default=CACHE / "store")
     parser.add_argument("--peer-sizes", type=int, nargs="*", default=[1_000_000])
+    parser.add_argument("--keep", action="store_true", help="Keep the built indexes.")
+    parser.add_argument(
+        "--merge", action="store_true", help="Keep earlier results for sizes not measured now."
+    )
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -435,27 +454,40 @@ def main() -> None:
         return
     pool = caption_pool(np.random.default_rng(0))
     records = []
+    if args.merge and (RESULTS / "store.json").exists():
+        old = json.loads((RESULTS / "store.json").read_text())
+        records = [
+            r
+            for r in old
+            if r["n"] not in (args.sizes if r["store"] == "rshash-index/2" else args.peer_sizes)
+        ]
     for n in args.sizes:
         path = args.work / f"store-{n}"
-        build_s = build(args.run, path, n, pool)
+        if args.keep and (path / "index.json").exists():
+            build_s = float("nan")
+        else:
+            build_s = build(args.run, path, n, pool)
+        os.sync()  # the build's dirty pages would otherwise stall every fsync measured next
         size = disk_mb(path)
         rec = {"store": "rshash-index/2", "n": n, "bits": 64, "codes_mb": n * 8 / 2**20}
         rec.update(build_s=build_s, disk_mb=size)
         rec.update(_child("store", str(args.run), str(path), str(n)))
         records.append(rec)
         print(rec, flush=True)
-        shutil.rmtree(path)
+        if not args.keep:
+            shutil.rmtree(path)
         if n in args.peer_sizes:
             peer_path = args.work / f"peer-{n}"
             peer = {"store": "faiss+dict", "n": n, "bits": 64, "codes_mb": n * 8 / 2**20}
             peer["build_s"] = build_peer(peer_path, n, pool)
             peer["disk_mb"] = disk_mb(peer_path)
+            os.sync()
             peer.update(_child("peer", str(peer_path), str(n)))
             records.append(peer)
             print(peer, flush=True)
             shutil.rmtree(peer_path)
+        records.sort(key=lambda r: (r["n"], r["store"] != "rshash-index/2"))
         write_results("store", records, report(records))
-    os.sync()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,15 @@ from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.engines import Engine, Hits, make_engine
 from rshash.index.filters import check_bbox, compile_where
 from rshash.index.packing import code_bytes, pad_packed
-from rshash.index.store import COLLECTIONS, FORMAT, MANIFEST, coll_code, live_sql
+from rshash.index.store import (
+    COLLECTIONS,
+    FORMAT,
+    KEY,
+    MANIFEST,
+    coll_code,
+    in_collection,
+    live_sql,
+)
 from rshash.reproducibility import provenance
 from rshash.training.run import MODEL, HashRun
 
@@ -337,8 +345,9 @@ class Index(Searcher):
     def _tombstones(self, collection: str, manifest: dict[str, Any]) -> np.ndarray:
         """Keys removed after the last compaction and up to the manifest's generation."""
         rows = self._db().execute(
-            "SELECT rid >> 1 FROM items WHERE gen_removed > ? AND gen_removed <= ? AND rid % 2 = ?",
-            (manifest.get("compacted", 0), manifest["generation"], coll_code(collection)),
+            f"SELECT {KEY} FROM items WHERE gen_removed > ? AND gen_removed <= ?"
+            f" AND {in_collection(coll_code(collection))}",
+            (manifest.get("compacted", 0), manifest["generation"]),
         )
         return np.sort(np.fromiter((r[0] for r in rows), np.int64))
 
@@ -392,9 +401,9 @@ class Index(Searcher):
         """Undo what a writer that died left past the manifest; drop compacted rows."""
         gen, info = self.generation, self.manifest["collections"]
         for c, name in enumerate(COLLECTIONS):
-            first = 2 * (info[name]["next_key"] if name in info else 0)
-            where = f"rid >= {first} AND rid % 2 = {c}"
-            db.execute(f"DELETE FROM bounds WHERE rid >= {first} AND rid % 2 = {c}")
+            first = store.rid(c, info[name]["next_key"] if name in info else 0)
+            where = f"rid BETWEEN {first} AND {store.rid(c, store.KEY_MASK)}"
+            db.execute(f"DELETE FROM bounds WHERE {where}")
             db.execute(f"DELETE FROM items WHERE {where}")
         db.execute("UPDATE items SET gen_removed = NULL WHERE gen_removed > ?", (gen,))
         self._drop_compacted(db)
@@ -495,7 +504,7 @@ class Index(Searcher):
             row = (
                 self._db()
                 .execute(
-                    f"SELECT id FROM items WHERE id IN ({marks}) AND rid % 2 = {c}"
+                    f"SELECT id FROM items WHERE id IN ({marks}) AND {in_collection(c)}"
                     " AND gen_removed IS NULL LIMIT 1",
                     part,
                 )
@@ -514,7 +523,7 @@ class Index(Searcher):
         )
         for k, it in zip(keys.tolist(), items, strict=True):
             if it.get("bounds_wgs84") is not None:
-                store.insert_bounds(db, 2 * k + c, it)
+                store.insert_bounds(db, store.rid(c, k), it)
 
     def remove(self, ids: Iterable[str]) -> int:
         """Remove images (and their captions) or single captions by id; returns images removed."""
@@ -525,14 +534,14 @@ class Index(Searcher):
             for part in store.chunks(wanted, store.BATCH // 2):
                 marks = ", ".join("?" * len(part))
                 cur = db.execute(
-                    f"UPDATE items SET gen_removed = ? WHERE id IN ({marks}) AND rid % 2 = 0"
+                    f"UPDATE items SET gen_removed = ? WHERE id IN ({marks}) AND {in_collection(0)}"
                     " AND gen_removed IS NULL",
                     (pending.gen, *part),
                 )
                 removed += cur.rowcount
                 db.execute(
-                    f"UPDATE items SET gen_removed = ? WHERE rid % 2 = 1 AND gen_removed IS NULL"
-                    f" AND (id IN ({marks}) OR image IN ({marks}))",
+                    f"UPDATE items SET gen_removed = ? WHERE {in_collection(1)}"
+                    f" AND gen_removed IS NULL AND (id IN ({marks}) OR image IN ({marks}))",
                     (pending.gen, *part, *part),
                 )
         except BaseException:
@@ -604,8 +613,9 @@ class Index(Searcher):
 
     def _removed_in(self, collection: str, gen: int) -> np.ndarray:
         rows = self._db().execute(
-            "SELECT rid >> 1 FROM items WHERE gen_removed = ? AND rid % 2 = ?",
-            (gen, coll_code(collection)),
+            f"SELECT {KEY} FROM items WHERE gen_removed = ?"
+            f" AND {in_collection(coll_code(collection))}",
+            (gen,),
         )
         return np.sort(np.fromiter((r[0] for r in rows), np.int64))
 
@@ -711,7 +721,7 @@ class Index(Searcher):
             if hit is not None:
                 self._filters.move_to_end(cache_key)
                 return hit
-        sql = f"SELECT rid >> 1 FROM items WHERE rid % 2 = {coll_code(collection)}"
+        sql = f"SELECT {KEY} FROM items WHERE {in_collection(coll_code(collection))}"
         sql += f" AND {live_sql(gen)}"
         params: list[Any] = []
         if where is not None:
@@ -785,10 +795,10 @@ class Index(Searcher):
         c = coll_code(collection)
         wanted = sorted({int(k) for _, keys in found for k in keys if k >= 0})
         records: dict[int, dict[str, Any]] = {}
-        for part in store.chunks([2 * k + c for k in wanted]):
+        for part in store.chunks([store.rid(c, k) for k in wanted]):
             marks = ", ".join("?" * len(part))
             rows = self._db().execute(
-                f"SELECT rid >> 1, captions, record FROM items WHERE rid IN ({marks})", part
+                f"SELECT {KEY}, captions, record FROM items WHERE rid IN ({marks})", part
             )
             records.update((key, store.record_of(caps, rec)) for key, caps, rec in rows)
         return [
@@ -805,8 +815,8 @@ class Index(Searcher):
         row = (
             self._db()
             .execute(
-                f"SELECT captions, record FROM items WHERE id = ? AND rid % 2 = "
-                f"{coll_code(collection)} AND {live_sql(self.generation)}",
+                f"SELECT captions, record FROM items WHERE id = ? AND "
+                f"{in_collection(coll_code(collection))} AND {live_sql(self.generation)}",
                 (item_id,),
             )
             .fetchone()
@@ -818,7 +828,7 @@ class Index(Searcher):
     def items(self, collection: str = "images") -> list[dict[str, Any]]:
         """Every live record of a collection, in key order (for tests and small archives)."""
         rows = self._db().execute(
-            f"SELECT captions, record FROM items WHERE rid % 2 = {coll_code(collection)}"
+            f"SELECT captions, record FROM items WHERE {in_collection(coll_code(collection))}"
             f" AND {live_sql(self.generation)} ORDER BY rid"
         )
         return [store.record_of(*r) for r in rows]

@@ -13,7 +13,15 @@ from rshash.errors import RshashError
 from rshash.index import store
 from rshash.index.index import Index
 from rshash.index.packing import code_bytes
-from rshash.index.store import COLLECTIONS, MANIFEST, OLD_FORMAT, coll_code, live_sql
+from rshash.index.store import (
+    COLLECTIONS,
+    KEY,
+    MANIFEST,
+    OLD_FORMAT,
+    coll_code,
+    in_collection,
+    live_sql,
+)
 
 
 def check_index(path: str | Path) -> dict[str, dict[str, int]]:
@@ -41,10 +49,12 @@ def check_index(path: str | Path) -> dict[str, dict[str, int]]:
                 raise RshashError(f"{path}: {name} segments hold keys out of order or twice")
             dead = _keys(
                 db,
-                f"SELECT rid >> 1 FROM items WHERE rid % 2 = {c}"
+                f"SELECT {KEY} FROM items WHERE {in_collection(c)}"
                 f" AND gen_removed > {done} AND gen_removed <= {gen}",
             )
-            live = _keys(db, f"SELECT rid >> 1 FROM items WHERE rid % 2 = {c} AND {live_sql(gen)}")
+            live = _keys(
+                db, f"SELECT {KEY} FROM items WHERE {in_collection(c)} AND {live_sql(gen)}"
+            )
             codes = np.setdiff1d(held, dead)
             if not np.isin(dead, held).all():
                 raise RshashError(f"{path}: {name}: a tombstone names a key that has no code")
@@ -62,7 +72,7 @@ def check_index(path: str | Path) -> dict[str, dict[str, int]]:
             if len(held) and held[-1] >= info["next_key"]:
                 raise RshashError(f"{path}: {name}: key {held[-1]} is not below next_key")
             (pending,) = db.execute(
-                f"SELECT count(*) FROM items WHERE rid % 2 = {c} AND gen_added > {gen}"
+                f"SELECT count(*) FROM items WHERE {in_collection(c)} AND gen_added > {gen}"
             ).fetchone()
             report[name] = {
                 "items": len(live),

@@ -1,10 +1,12 @@
 """The on-disk parts of an `rshash-index/2` directory: records, code segments, manifest, lock.
 
-- `records.db` (SQLite, WAL): one row per item, `rid` = key·2 + collection (0 images,
-  1 captions) so a lookup by key is a rowid lookup; columns `id`, `image`, `path`, `class`,
-  `dataset`, `captions`, `record` (the rest of the item's record as JSON) and the generations
-  `gen_added` / `gen_removed` that bound the row's life; an R*Tree `bounds` over the records'
-  `bounds_wgs84`. A reader at generation G sees the rows with gen_added ≤ G < gen_removed.
+- `records.db` (SQLite, WAL): one row per item, `rid` = collection·2⁴⁰ + key (collection 0
+  images, 1 captions), so a lookup by key is a rowid lookup and a collection is a rowid range;
+  columns `id`, `image`, `path`, `class`, `dataset`, `captions`, `record` (the rest of the
+  item's record as JSON) and the generations `gen_added` / `gen_removed` that bound the row's
+  life; indexes on id, image, (class | dataset, generations: covering a filter's key query) and
+  removed rows; an R*Tree `bounds` over the records' `bounds_wgs84`. A reader at generation G
+  sees the rows with gen_added ≤ G < gen_removed.
 - `seg-<collection>-<generation>.bin`: the codes one commit added, as (int64 key, code bytes)
   pairs in key order; append-only, never rewritten, deleted only by compaction.
 - `index.json`: the manifest, replaced atomically; it names the generation and its segments.
@@ -49,15 +51,30 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_id ON items (id);
 CREATE INDEX IF NOT EXISTS items_image ON items (image) WHERE image IS NOT NULL;
-CREATE INDEX IF NOT EXISTS items_class ON items (class);
-CREATE INDEX IF NOT EXISTS items_dataset ON items (dataset);
+CREATE INDEX IF NOT EXISTS items_class ON items (class, gen_added, gen_removed);
+CREATE INDEX IF NOT EXISTS items_dataset ON items (dataset, gen_added, gen_removed);
 CREATE INDEX IF NOT EXISTS items_removed ON items (gen_removed) WHERE gen_removed IS NOT NULL;
 CREATE VIRTUAL TABLE IF NOT EXISTS bounds USING rtree (rid, minlon, maxlon, minlat, maxlat);
 """
 
 
+KEY_BITS = 40
+KEY_MASK = (1 << KEY_BITS) - 1
+KEY = f"(rid & {KEY_MASK})"  # SQL: an item's key
+
+
 def coll_code(collection: str) -> int:
     return COLLECTIONS.index(collection)
+
+
+def rid(collection: int, key: int) -> int:
+    """Row id of key `key` in collection number `collection`."""
+    return (collection << KEY_BITS) | key
+
+
+def in_collection(collection: int) -> str:
+    """SQL condition: the row belongs to collection number `collection` (a rowid range)."""
+    return f"rid BETWEEN {rid(collection, 0)} AND {rid(collection, KEY_MASK)}"
 
 
 def live_sql(gen: int) -> str:
@@ -88,7 +105,7 @@ def row_of(collection: int, key: int, rec: dict[str, Any], gen: int) -> tuple[An
         return None if v is None else str(v)
 
     return (
-        key * 2 + collection,
+        rid(collection, key),
         str(rec["id"]),
         text("image"),
         text("path"),
