@@ -24,6 +24,7 @@ from rshash.fileio import write_json_atomic
 from rshash.index.build import caption_records, image_records
 from rshash.index.encoder import CodeEncoder
 from rshash.index.index import Hit, Index, Searcher, check_query
+from rshash.index.store import LOCK
 from rshash.training.run import HashRun
 
 SHARDS = "shards.json"
@@ -128,11 +129,18 @@ class ShardUnavailable(RshashError):
 
 
 def shard_files(path: Path) -> dict[str, bytes]:
-    """Every file of a shard directory (index files and model copy), by relative path."""
+    """Every file of a shard directory (index files and model copy), by relative path.
+
+    SQLite's shared-memory index (`-shm`) and the writers' lock belong to the machine that made
+    them; the actor's SQLite rebuilds the former from the WAL.
+    """
     return {
         str(p.relative_to(path)): p.read_bytes()
         for p in sorted(path.rglob("*"))
-        if p.is_file() and "thumbnails" not in p.relative_to(path).parts
+        if p.is_file()
+        and "thumbnails" not in p.relative_to(path).parts
+        and not p.name.endswith("-shm")
+        and p.name != LOCK
     }
 
 
@@ -140,17 +148,19 @@ class _Shard:
     """Ray actor body: one index shard in memory, answering searches by packed code.
 
     The shard's files come through Ray's object store, so the actor runs (and restarts) on any
-    node: it writes them to a private temporary folder, opens the index and deletes the folder.
+    node: it writes them to a private temporary folder that lives as long as the actor (the
+    index reads its records from SQLite there).
     """
 
     def __init__(self, name: str, contents: dict[str, bytes]) -> None:
         self.name = name
-        with tempfile.TemporaryDirectory(prefix=f"rshash-{name}-") as tmp:
-            for rel, data in contents.items():
-                target = Path(tmp) / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            self.index = Index.open(tmp, device="cpu")
+        self._folder = tempfile.TemporaryDirectory(prefix=f"rshash-{name}-")
+        tmp = self._folder.name
+        for rel, data in contents.items():
+            target = Path(tmp) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        self.index = Index.open(tmp, device="cpu")
         probe = np.zeros((1, self.index.bits // 8), np.uint8)
         for name, col in self.index.collections.items():  # compile the search kernels now
             if len(col):
