@@ -602,9 +602,9 @@ def serve(
 
 
 def _bbox(text: str) -> tuple[float, float, float, float]:
-    from rshash.index.filters import check_bbox
+    from rshash.data.scene_geo import parse_bbox
 
-    return check_bbox(text.split(","))
+    return parse_bbox(text, "--bbox")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -215,7 +215,7 @@ def test_text_query_finds_the_parking_lots_at_their_coordinates(scene_index):
         if h.id in expected:
             ring = cell_ring(*expected[h.id])
             assert np.array(h.item["footprint"]) == pytest.approx(np.array(ring))
-    munich = [it for it in index.collections["images"].items if it["scene"] == "munich"]
+    munich = [it for it in index.items("images") if it["scene"] == "munich"]
     assert len(munich) == 16 and {it["crs"] for it in munich} == {"EPSG:32632"}
     assert all(
         11.5 < it["bounds_wgs84"][0] < 11.7 and 48.1 < it["bounds_wgs84"][1] < 48.2 for it in munich

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from rshash.data import scene_geo
 from rshash.errors import RshashError
 
 COLUMNS = ("id", "image", "path", "class", "dataset")
@@ -166,13 +167,11 @@ def compile_where(text: str) -> tuple[str, list[Any]]:
 
 
 def check_bbox(bbox: Any) -> tuple[float, float, float, float]:
-    """(minlon, minlat, maxlon, maxlat) in WGS84 degrees, checked."""
+    """(minlon, minlat, maxlon, maxlat) in WGS84 degrees, checked (one rule for every entry)."""
     try:
-        box = tuple(float(v) for v in bbox)
+        values = [float(v) for v in bbox]
     except (TypeError, ValueError):
         raise RshashError(
             f"bbox: expected 4 numbers (minlon, minlat, maxlon, maxlat), got {bbox!r}"
         ) from None
-    if len(box) != 4 or box[0] > box[2] or box[1] > box[3]:
-        raise RshashError(f"bbox: expected minlon ≤ maxlon and minlat ≤ maxlat, got {bbox!r}")
-    return box[0], box[1], box[2], box[3]
+    return scene_geo.check_bbox(values)

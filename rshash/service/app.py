@@ -14,7 +14,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from rshash.data.scene_geo import check_bbox, parse_bbox
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
@@ -85,17 +86,16 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(data, status_code=status, media_type="application/json")
 
 
-def _parse_bbox(text: str | None) -> BBox | None:
-    """A bbox form field: four numbers, comma-separated or as a JSON array."""
-    if text is None or not text.strip():
+def _checked_bbox(bbox: str | Sequence[float] | None) -> BBox | None:
+    """A request's bbox (form text 'a,b,c,d' or a JSON array), checked; 422 when malformed."""
+    if bbox is None or (isinstance(bbox, str) and not bbox.strip()):
         return None
     try:
-        values = [float(v) for v in text.strip().strip("[]").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise HTTPException(422, f"bbox: expected minlon,minlat,maxlon,maxlat, got {text!r}")
-    return (values[0], values[1], values[2], values[3])
+        if isinstance(bbox, str):
+            return parse_bbox(bbox.strip().strip("[]"))
+        return check_bbox(bbox)
+    except RshashError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def open_index(path: str | Path, cfg: ServiceConfig) -> Index | ShardedIndex:
@@ -242,9 +242,10 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             raise HTTPException(422, f"query: longer than {cfg.max_query_chars} characters")
         if not q.query.strip():
             raise RshashError("empty text query")
-        check_options(q.k, q.where, q.bbox)
-        hits = await search(SearchRequest(q.k, q.collection, None, q.where, q.bbox, text=q.query))
-        extra = {n: v for n, v in (("where", q.where), ("bbox", q.bbox)) if v is not None}
+        box = _checked_bbox(q.bbox)
+        check_options(q.k, q.where, box)
+        hits = await search(SearchRequest(q.k, q.collection, None, q.where, box, text=q.query))
+        extra = {n: v for n, v in (("where", q.where), ("bbox", box)) if v is not None}
         return answer(hits, q.format, query=q.query, k=q.k, collection=q.collection, **extra)
 
     @app.post("/search/image")
@@ -256,7 +257,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         bbox: Annotated[str | None, Form(description="minlon,minlat,maxlon,maxlat")] = None,
         format: Annotated[Literal["json", "geojson"], Form()] = "json",
     ) -> Response:
-        box = _parse_bbox(bbox)
+        box = _checked_bbox(bbox)
         check_options(k, where, box)
         if file.content_type not in IMAGE_TYPES:
             raise HTTPException(

@@ -16,9 +16,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
 
-from rshash.data.scene_geo import check_bbox, parse_bbox
 from rshash.data.scene_pixels import read_tile, render_overview
-from rshash.errors import DataError
 from rshash.fileio import atomic_path, write_json_atomic
 from rshash.service.geojson import feature_collection
 
@@ -31,17 +29,6 @@ def leaflet_dir() -> Path | None:
     base = Path(env) if env else Path(__file__).resolve().parents[2] / "node_modules"
     dist = base / "leaflet" / "dist"
     return dist.resolve() if dist.is_dir() else None
-
-
-def bbox_filter(bbox: list[float] | str | None, field: str = "bbox") -> dict[str, Any]:
-    """Search keyword arguments for a request's bbox (list or 'a,b,c,d'); 422 when malformed."""
-    if bbox is None or bbox == "":
-        return {}
-    try:
-        box = parse_bbox(bbox, field) if isinstance(bbox, str) else check_bbox(bbox, field)
-    except DataError as exc:
-        raise HTTPException(422, str(exc)) from None
-    return {"bbox": box}
 
 
 def render(answer: dict[str, Any], output: str) -> dict[str, Any]:
