@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from rshash.data.images import load_rgb
 from rshash.data.scene_pixels import read_tile
 from rshash.fileio import atomic_path
 
 
-def thumbnail(source: Path, cache: Path, size: int = 256) -> Path:
-    """Path of a cached JPEG (longest side `size`) of `source`, creating it on first use."""
-    key = hashlib.sha1(f"{source.resolve()}:{size}".encode()).hexdigest()
-    target = cache / f"{key}.jpg"
+def _cached(key: str, cache: Path, size: int, load: Callable[[], Image.Image]) -> Path:
+    """Path of the cached JPEG (longest side `size`) named by `key`, made from `load()` once."""
+    target = cache / f"{hashlib.sha1(key.encode()).hexdigest()}.jpg"
     if not target.exists():
-        img = load_rgb(source)
+        img = load()
         img.thumbnail((size, size))
         with atomic_path(target) as tmp:
             img.save(tmp, format="JPEG", quality=85)
     return target
+
+
+def thumbnail(source: Path, cache: Path, size: int = 256) -> Path:
+    """Path of a cached JPEG (longest side `size`) of `source`, creating it on first use."""
+    return _cached(f"{source.resolve()}:{size}", cache, size, lambda: load_rgb(source))
 
 
 def thumbnail_of(item: Mapping[str, Any], cache: Path, size: int = 256) -> Path:
@@ -30,10 +36,4 @@ def thumbnail_of(item: Mapping[str, Any], cache: Path, size: int = 256) -> Path:
     if "window" not in item:
         return thumbnail(Path(item["path"]), cache, size)
     cut = json.dumps([item["path"], item["window"], item["bands"], item.get("stretch"), size])
-    target = cache / f"{hashlib.sha1(cut.encode()).hexdigest()}.jpg"
-    if not target.exists():
-        img = read_tile(item)
-        img.thumbnail((size, size))
-        with atomic_path(target) as tmp:
-            img.save(tmp, format="JPEG", quality=85)
-    return target
+    return _cached(cut, cache, size, lambda: read_tile(item))
