@@ -12,8 +12,9 @@ For each noise probability p and seed, on the same noisy pairs:
   defaults: Adam 1e-3, DJSRH λ = 1, JDSH λ = 0.1), 100 epochs.
 Seed s uses the split of seed 42 + s. Noise AUC/AP: of the applied pair weights against the
 true flags over the unprotected pairs (the protected clean subset trained the detector).
-Finished records are cached under a key of the training code's revision and the settings, so
-an interrupted benchmark resumes and a code change re-runs.
+Each finished (p, seed, group) is recorded in benchmarks/results/runs/chnr/ under a key of the
+training code's revision and the settings (committed), so an interrupted sweep resumes, in a later
+session too, and a code change re-runs.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
        [--groups chnr duch free baselines]
 """
@@ -27,20 +28,14 @@ import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import (
-    ANCHORS,
-    CACHE,
-    cache_key,
-    markdown_table,
-    run_provenance,
-    write_results,
-)
+from benchmarks.common import ANCHORS, markdown_table, recorded_run, write_results
 from benchmarks.duch_ucm import mean_std, ucm_features
 from rshash.data.splits import Split
 from rshash.evaluation.protocol import score_directions
@@ -233,8 +228,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     store = FeatureStore.open(ucm_features())
-    cache = CACHE / "chnr"
-    cache.mkdir(parents=True, exist_ok=True)
     meta, main_, warmup = args.meta_epochs, args.main_epochs, args.free_warmup
     total = meta + main_
     runners: dict[str, tuple[dict[str, int], Callable[[float, int], list[dict]]]] = {
@@ -251,14 +244,9 @@ def main() -> None:
         for seed in args.seeds:
             for group in args.groups:
                 settings, runner = runners[group]
-                key = cache_key({"group": group, "p": p, "seed": seed, **settings})
-                path = cache / f"p{p}-s{seed}-{group}-{key}.json"
-                if not path.exists():
-                    if args.table_only:
-                        continue
-                    got = [{**r, **run_provenance()} for r in runner(p, seed)]
-                    path.write_text(json.dumps(got))
-                got = json.loads(path.read_text())
+                config = {"group": group, "p": p, "seed": seed, **settings}
+                train = None if args.table_only else partial(runner, p, seed)
+                got = recorded_run("chnr", f"p{p}-s{seed}-{group}", config, train)
                 records += got
                 for r in got:
                     print(json.dumps({k: v for k, v in r.items() if k != "validation"}), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ RESULTS = REPO / "benchmarks" / "results"
 DATA_ROOT = Path(os.environ.get("RSHASH_DATA", REPO.parent / "shared" / "datasets"))
 ANCHORS = DATA_ROOT.parent / "anchors"
 CACHE = REPO / ".cache" / "benchmarks"
+# Finished training runs' records, committed: a later session (or another machine) resumes a
+# long sweep where the last one stopped, and only a training-code change re-runs a setting.
+RUN_RECORDS = RESULTS / "runs"
 
 __all__ = ["machine"]
 
@@ -43,9 +47,32 @@ def training_code_revision() -> str:
 
 
 def cache_key(config: Any) -> str:
-    """Key of a cached result: the training code's revision and the full configuration."""
+    """Key of a cached result: the training code's revision and the full configuration.
+
+    A `features` path counts by its file name only, so the key does not depend on where the
+    checkout lives.
+    """
+    if isinstance(config, dict) and "features" in config:
+        config = {**config, "features": Path(str(config["features"])).name}
     blob = json.dumps({"code": training_code_revision(), "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recorded_run(
+    benchmark: str, name: str, config: Any, train: Callable[[], list[dict[str, Any]]] | None
+) -> list[dict[str, Any]]:
+    """The records of one training run: read from `RUN_RECORDS/benchmark/name-KEY.json` when
+    this code revision already ran `config`, else trained now (with provenance) and saved;
+    with `train` None, a run not yet recorded gives no records."""
+    path = RUN_RECORDS / benchmark / f"{name}-{cache_key(config)}.json"
+    if path.exists():
+        return list(json.loads(path.read_text()))
+    if train is None:
+        return []
+    records = [{**r, **run_provenance()} for r in train()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, records)
+    return records
 
 
 def run_provenance() -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """DUCH on UCM per PROTOCOL.md: bits 16/32/64/128 × seeds, and an ablation at 64 bits.
 
 Seed s trains with seed s on the split drawn with seed 42 + s. mAP@20 is in the DUCH definition
-(the one of ../shared/anchors). Finished runs are reused, so an interrupted benchmark resumes.
+(the one of ../shared/anchors). Finished runs are recorded in benchmarks/results/runs/duch/
+(committed), so an interrupted benchmark resumes, in a later session too.
 Usage: python -m benchmarks.duch_ucm [--bits 16 32 64 128] [--seeds 0 1 2] [--no-ablation]
        [--set loss.temperature=0.5 ...]   (a variant: results go to duch_ucm-<variant>.json)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,7 +26,7 @@ from benchmarks.common import (
     DATA_ROOT,
     cache_key,
     markdown_table,
-    run_provenance,
+    recorded_run,
     write_results,
 )
 from rshash.data import load_dataset
@@ -52,22 +54,26 @@ def ucm_features() -> Path:
 def run_once(cfg: TrainConfig, run_dir: Path, store: FeatureStore) -> dict[str, Any]:
     """Train (or reuse) one run and return its mAP@20 (DUCH def.) per direction.
 
-    The run directory is keyed by the training code's revision and the full config, so a
-    cached result is reused only for the same code and settings; the record says where the
-    run trained.
+    The record is kept in benchmarks/results/runs/ under a key of the training code's revision
+    and the full config, so it is reused only for the same code and settings, and says where
+    the run trained. With `hold_out_validation` it also holds the validation figures.
     """
-    run_dir = run_dir.with_name(f"{run_dir.name}-{cache_key(cfg.to_dict())}")
-    done = run_dir / "bench.json"
-    if done.exists():
-        return dict(json.loads(done.read_text()))
-    train(cfg, run_dir, progress=False)
-    run = HashRun.open(run_dir)
-    metrics = evaluate_run(run, store)["directions"]
-    record: dict[str, Any] = {f"{d}_map20": metrics[d]["map@20_duch"] for d in DIRECTIONS}
-    record["train_seconds"] = run.info["train_seconds"]
-    record.update(run_provenance())
-    done.write_text(json.dumps(record))
-    return record
+
+    def train_and_score() -> list[dict[str, Any]]:
+        key = cache_key(cfg.to_dict())
+        directory = run_dir.with_name(f"{run_dir.name}-{key}")
+        train(cfg, directory, progress=False)
+        run = HashRun.open(directory)
+        scores = evaluate_run(run, store)
+        record: dict[str, Any] = {
+            f"{d}_map20": scores["directions"][d]["map@20_duch"] for d in DIRECTIONS
+        }
+        for d in DIRECTIONS if "validation" in scores else ():
+            record[f"validation_{d}_map20"] = scores["validation"][d]["map@20_duch"]
+        record["train_seconds"] = run.info["train_seconds"]
+        return [record]
+
+    return recorded_run("duch", run_dir.name, cfg.to_dict(), train_and_score)[0]
 
 
 def base_config(features: Path, bits: int, seed: int, epochs: int) -> TrainConfig:
@@ -86,6 +92,43 @@ def override(cfg: Any, assignment: str) -> Any:
     if not isinstance(current, bool):
         value = float(text) if current is None else type(current)(text)
     return replace(cfg, **{head: value})
+
+
+def with_settings(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    for assignment in assignments:
+        cfg = override(cfg, assignment)
+    return cfg
+
+
+def candidates(choose: list[str]) -> list[list[str]]:
+    """Every combination of the options `FIELD=V1,V2,...` (each a list of FIELD=V)."""
+    options = []
+    for spec in choose:
+        key, _, values = spec.partition("=")
+        if not key or not values:
+            raise SystemExit(f"--choose: expected FIELD=V1,V2,..., got {spec!r}")
+        options.append([f"{key}={v}" for v in values.split(",")])
+    return [list(c) for c in itertools.product(*options)]
+
+
+def chosen_run(
+    base: TrainConfig, choose: list[str], name: str, runs: Path, store: FeatureStore
+) -> dict[str, Any]:
+    """The setting with the best validation mAP@20 (I→T + T→I), each candidate fitted without
+    the validation images; then that setting trained on the whole training set, scored on test."""
+    validation: dict[str, list[float]] = {}
+    for assignments in candidates(choose):
+        cfg = replace(with_settings(base, assignments), hold_out_validation=True)
+        rec = run_once(cfg, runs / f"{name}-val-{variant_tag(assignments)}", store)
+        validation[" ".join(assignments)] = [
+            rec["validation_i2t_map20"],
+            rec["validation_t2i_map20"],
+        ]
+        print(f"{name} validation {assignments}: {validation[' '.join(assignments)]}", flush=True)
+    best = max(validation, key=lambda k: sum(validation[k]))
+    final = with_settings(base, best.split())
+    final_name = name if final == base else f"{name}-{variant_tag(best.split())}"
+    return {**run_once(final, runs / final_name, store), "chosen": best, "validation": validation}
 
 
 def variant_tag(assignments: list[str]) -> str:
@@ -120,6 +163,14 @@ def main() -> None:
         "--ablations", nargs="+", default=list(ABLATIONS), help="Variants of the ablation to run."
     )
     parser.add_argument("--set", nargs="+", default=[], help="Config overrides, e.g. lr=...")
+    parser.add_argument(
+        "--choose",
+        nargs="+",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="Settings chosen per code length and seed on the validation images, e.g. "
+        "loss.alpha=0,0.01 (every combination is tried); the table reports the chosen ones.",
+    )
     args = parser.parse_args()
     tag = variant_tag(args.set)
     features = ucm_features()
@@ -129,11 +180,12 @@ def main() -> None:
     records = []
     for bits in args.bits:
         for seed in args.seeds:
-            cfg = base_config(features, bits, seed, args.epochs)
-            for assignment in args.set:
-                cfg = override(cfg, assignment)
+            cfg = with_settings(base_config(features, bits, seed, args.epochs), args.set)
             name = f"duch-b{bits}-s{seed}-e{args.epochs}" + (f"-{tag}" if tag else "")
-            rec = run_once(cfg, runs / name, store)
+            if args.choose:
+                rec = chosen_run(cfg, args.choose, name, runs, store)
+            else:
+                rec = run_once(cfg, runs / name, store)
             records.append({"bits": bits, "seed": seed, **rec})
             print(json.dumps(records[-1]), flush=True)
     paper = paper_rows()
@@ -150,6 +202,8 @@ def main() -> None:
             ]
         row += [mean_std([r[f"{d}_map20"] for r in sel]) for d in ("i2i", "t2t")]
         row.append(f"{np.mean([r['train_seconds'] for r in sel]):.0f}")
+        if args.choose:
+            row.append("; ".join(f"s{r['seed']}: {r['chosen']}" for r in sel))
         rows.append(row)
     header = [
         "bits",
@@ -162,12 +216,20 @@ def main() -> None:
         "I→I ours",
         "T→T ours",
         "train s",
-    ]
+    ] + (["chosen on validation"] if args.choose else [])
+    chosen = (
+        f"; per code length and seed, {' and '.join(args.choose)} chosen on the validation "
+        "images (a seeded 10 % of the training images, held out while choosing; best "
+        "I→T + T→I mAP@20), then trained on the whole training set and scored once on the test "
+        "queries"
+        if args.choose
+        else ""
+    )
     title = (
         f"# DUCH on UCM-Captions, mAP@20 (DUCH definition), mean ± sample std over seeds "
         f"{args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
-        f"{args.epochs} epochs, {', '.join(args.set) or 'paper defaults'}. Paper: ResNet-18 + "
-        "BERT features (../shared/anchors/duch-paper-map20.csv).\n\n"
+        f"{args.epochs} epochs, {', '.join(args.set) or 'paper defaults'}{chosen}. Paper: "
+        "ResNet-18 + BERT features (../shared/anchors/duch-paper-map20.csv).\n\n"
     )
     name = "duch_ucm" + (f"-{tag}" if tag else "")
     write_results(name, records, title + markdown_table(header, rows), trained_on=records)
@@ -180,7 +242,8 @@ def main() -> None:
             continue
         for seed in args.ablation_seeds:
             cfg = change(base_config(features, 64, seed, args.epochs))
-            tag = "duch-b64" if name == "full" else "abl-" + "".join(c for c in name if c.isalnum())
+            slug = "".join(c for c in name if c.isascii() and c.isalnum())
+            tag = "duch-b64" if name == "full" else f"abl-{slug}"
             rec = run_once(cfg, runs / f"{tag}-s{seed}-e{args.epochs}", store)
             ablation.append({"variant": name, "bits": 64, "seed": seed, **rec})
             print(json.dumps(ablation[-1]), flush=True)
