@@ -64,9 +64,11 @@ def recorded_run(
     """The records of one training run: read from `RUN_RECORDS/benchmark/name-KEY.json` when
     this code revision already ran `config`, else trained now (with provenance) and saved;
     with `train` None, a run not yet recorded gives no records."""
-    path = RUN_RECORDS / benchmark / f"{name}-{cache_key(config)}.json"
-    if path.exists():
-        return list(json.loads(path.read_text()))
+    key = cache_key(config)
+    path = RUN_RECORDS / benchmark / f"{name}-{key}.json"
+    done = sorted((RUN_RECORDS / benchmark).glob(f"*-{key}.json"))  # the same run, named otherwise
+    if done:
+        return list(json.loads(done[0].read_text()))
     if train is None:
         return []
     records = [{**r, **run_provenance()} for r in train()]
