@@ -118,25 +118,46 @@ def encoder_limits(index: Index, texts: list[str], images: list[tuple[str, bytes
     return out
 
 
-def batch_sizes(port: int) -> tuple[float, float]:
-    """The server's batch-size histogram totals (sum, count) from `GET /metrics`."""
+def server_samples(port: int) -> Counter[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every sample of the server's `GET /metrics`, by (name, sorted labels)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     async def fetch() -> str:
         reader, writer = await asyncio.open_connection(HOST, port)
-        writer.write(f"GET /metrics HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        head = f"GET /metrics HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode())
         raw = await reader.read()
         writer.close()
         return raw.split(b"\r\n\r\n", 1)[1].decode()
 
-    totals = {"sum": 0.0, "count": 0.0}
+    out: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
     for family in text_string_to_metric_families(asyncio.run(fetch())):
-        if family.name == "rshash_batch_size":
-            for sample in family.samples:
-                kind = sample.name.rsplit("_", 1)[-1]
-                if kind in totals:
-                    totals[kind] = sample.value
-    return totals["sum"], totals["count"]
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def server_view(before: Counter, after: Counter, path: str) -> dict[str, Any]:
+    """What the server saw during a scenario: mean batch size, and the 503s' own time (the
+    smallest histogram bound under which 99 % of them were answered), so a slow 503 seen by a
+    client can be told apart from one the server was slow to write."""
+    delta = after.copy()
+    delta.subtract(before)
+    batches = delta[("rshash_batch_size_count", ())]
+    view: dict[str, Any] = {
+        "mean_batch": round(delta[("rshash_batch_size_sum", ())] / max(batches, 1), 1)
+    }
+    labels = (("endpoint", path), ("status", "503"))
+    shed = delta[("rshash_request_seconds_count", labels)]
+    if shed:
+        bounds = sorted(
+            (float(dict(lab)["le"]), n)
+            for (name, lab), n in delta.items()
+            if name == "rshash_request_seconds_bucket"
+            and tuple(kv for kv in lab if kv[0] != "le") == labels
+        )
+        view["server_503_p99_le_ms"] = next(b * 1000 for b, n in bounds if n >= 0.99 * shed)
+    return view
 
 
 # --- a small keep-alive HTTP/1.1 client ------------------------------------------------------
@@ -356,18 +377,18 @@ def main() -> None:
 
     server = start_server(index_path, args.port, args.serve_options.split())
     results, shed_ms, load, error_kinds = [], {}, {}, {}
-    mean_batch: dict[str, float] = {}
+    server: dict[str, dict[str, Any]] = {}
     try:
 
         def run(scenario: str, kind: str, coro: Any, offered: float | None) -> dict:
             before = os.getloadavg()
-            batched_before = batch_sizes(args.port)
+            seen_before = server_samples(args.port)
             start = time.perf_counter()
             tally = asyncio.run(coro)
             seconds = time.perf_counter() - start
             e = entry(scenario, kind, tally, seconds, limits_before[kind], offered)
-            batched = np.subtract(batch_sizes(args.port), batched_before)
-            mean_batch[scenario] = round(float(batched[0] / max(batched[1], 1)), 1)
+            path = "/search/text" if kind == "text" else "/search/image"
+            server[scenario] = server_view(seen_before, server_samples(args.port), path)
             results.append(e)
             load[scenario] = {"before": before, "after": os.getloadavg()}
             if tally.errors:
@@ -406,7 +427,7 @@ def main() -> None:
         "shed_answer_ms": shed_ms,
         "error_kinds": error_kinds,
         "loadavg": load,
-        "mean_batch": mean_batch,
+        "server_side": server,
         "encoder_limits": {"before": limits_before, "after": limits_after},
         "pool": {"texts": len(texts), "images": len(images)},
         "index": {"images": len(index), "path": str(index_path)},
@@ -420,7 +441,12 @@ def main() -> None:
         f"- {name}: 503 answered in p50 {v['p50']} ms, p99 {v['p99']} ms, max {v['max']} ms\n"
         for name, v in shed_ms.items()
     )
-    batch_lines = "".join(f"- {name}: {v} queries\n" for name, v in mean_batch.items())
+    server_lines = "".join(
+        f"- {name}: mean batch {v['mean_batch']} queries"
+        + (f"; 503s written within {v['server_503_p99_le_ms']:g} ms (p99)" if len(v) > 1 else "")
+        + "\n"
+        for name, v in server.items()
+    )
     load_lines = "".join(
         f"- {name}: load average {v['before'][0]:.2f} before, {v['after'][0]:.2f} after\n"
         for name, v in load.items()
@@ -443,8 +469,8 @@ def main() -> None:
         + (shed_lines or "- none\n")
         + "\nErrors by kind (HTTP status or client exception):\n\n"
         + ("".join(f"- {n}: {v}\n" for n, v in error_kinds.items()) or "- none\n")
-        + "\nMean batch size (the server's own `rshash_batch_size` histogram):\n\n"
-        + batch_lines
+        + "\nSeen by the server (its `/metrics`: batch sizes, request seconds):\n\n"
+        + server_lines
         + "\nCPU load (shared machine, os.getloadavg, 1 min):\n\n"
         + load_lines
     )

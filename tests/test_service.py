@@ -304,7 +304,12 @@ def test_metrics_parse_and_count_requests(ucm_index):
         ]
         == 1
     )
-    assert samples[("rshash_request_seconds_count", (("endpoint", "/search/text"),))] == 5
+    text_200 = (("endpoint", "/search/text"), ("status", "200"))
+    assert samples[("rshash_request_seconds_count", text_200)] == 4
+    assert (
+        samples[("rshash_request_seconds_count", (("endpoint", "/search/text"), ("status", "422")))]
+        == 1
+    )
     assert samples[("rshash_batch_size_sum", ())] == 4
     assert samples[("rshash_index_items", (("collection", "images"),))] == 2100
     assert samples[("rshash_index_items", (("collection", "captions"),))] == 10500

@@ -20,7 +20,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ROUTES = ("/search/text", "/search/image", "/healthz", "/metrics", "/")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def endpoint_of(path: str) -> str:
@@ -42,8 +42,8 @@ class ServiceMetrics:
         )
         self.latency = Histogram(
             "rshash_request_seconds",
-            "Time from request to response",
-            ["endpoint"],
+            "Time from request to response (a 503's own time shows what shedding costs)",
+            ["endpoint", "status"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -82,4 +82,4 @@ class MetricsMiddleware:
         finally:
             endpoint = endpoint_of(scope["path"])
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(endpoint, str(status)).observe(time.perf_counter() - start)
