@@ -20,6 +20,8 @@ Policies:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import threading
 import warnings
@@ -307,6 +309,14 @@ class SceneTiles:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def build_key(self) -> str:
+        """What a tile's pixels depend on beyond its id (the build's resume key takes it in): the
+        tile config and each scene file's path, size and modification time."""
+        stats = [(s.path, s.path.stat()) for s in self.scenes]
+        files = [(str(path), st.st_size, st.st_mtime_ns) for path, st in stats]
+        return json.dumps([dataclasses.asdict(self.cfg), files])
 
     def _locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
