@@ -38,6 +38,7 @@ from PIL import Image
 from rasterio.crs import CRS
 from tqdm import tqdm
 
+from rshash.data.bbox import bounds_of
 from rshash.data.scene_geo import acquired_date, corner_coords, resolution_m, ring, to_wgs84
 from rshash.data.scene_pixels import (
     PERCENTILES,
@@ -361,13 +362,8 @@ class SceneTiles:
             },
             "crs": scene.crs.to_string(),
             "footprint": ring(xs, ys, digits),
-            "footprint_wgs84": ring(lon, lat, 8),
-            "bounds_wgs84": [
-                round(float(lon.min()), 8),
-                round(float(lat.min()), 8),
-                round(float(lon.max()), 8),
-                round(float(lat.max()), 8),
-            ],
+            "footprint_wgs84": ring(lon, lat, 8, lonlat=True),
+            "bounds_wgs84": bounds_of(lon.tolist(), lat.tolist()),
             "resolution_m": scene.resolution_m,
             "acquired": scene.acquired,
             "bands": list(scene.bands),
