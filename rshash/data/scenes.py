@@ -311,6 +311,14 @@ class SceneTiles:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (Ray ships the tiles to its workers), without open datasets or caches."""
+        return {**self.__dict__, "_open": None, "_footprints": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open = _OpenScenes()
+
     @property
     def build_key(self) -> str:
         """What a tile's pixels depend on beyond its id (the build's resume key takes it in): the
