@@ -496,7 +496,11 @@ def search(
         typer.Option(help="Filter, e.g. 'class = \"river\" and year >= 2010' (see README)."),
     ] = None,
     bbox: Annotated[
-        str | None, typer.Option(help="Keep items whose bounds meet MINLON,MINLAT,MAXLON,MAXLAT.")
+        str | None,
+        typer.Option(
+            help="Keep items whose bounds meet MINLON,MINLAT,MAXLON,MAXLAT (MINLON > MAXLON: the"
+            " box crosses ±180°)."
+        ),
     ] = None,
     as_json: AsJson = False,
     device: Device = "auto",
@@ -602,7 +606,7 @@ def serve(
 
 
 def _bbox(text: str) -> tuple[float, float, float, float]:
-    from rshash.data.scene_geo import parse_bbox
+    from rshash.data.bbox import parse_bbox
 
     return parse_bbox(text, "--bbox")
 

@@ -242,6 +242,12 @@ def scene_folder(root: Path, name: str, *files: Path) -> Path:
 
 # A second scene in another CRS (UTM 32N, Munich) for archives mixing CRSs.
 MUNICH = {"crs": "EPSG:32632", "origin": (691_000.0, 5_336_000.0)}
+# A scene across the antimeridian (Fiji, PDC Mercator): with a one-cell margin, 180° runs through
+# the middle of cell column 1 (x = 3_339_584.72 m); columns 0 lie west of it, 2 and 3 east.
+FIJI = {
+    "crs": "EPSG:3832",
+    "origin": (3_339_584.72 - (CELL + 1.5 * CELL) * RESOLUTION, -1_885_000.0),
+}
 
 
 QUARTER = CELL * RESOLUTION / 4

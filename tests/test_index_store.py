@@ -133,8 +133,11 @@ def test_bbox_filter_keeps_intersecting_boxes(ucm_run, tmp_path):
     both = index.search_codes(q, k=50, bbox=(1.05, 10.05, 1.25, 11.0), where='id != "t11"')[0]
     assert sorted(h.id for h in both) == ["t10", "t12"]
     assert index.search_codes(q, k=5, bbox=(50, 50, 51, 51)) == [[]]
+    # minlon > maxlon: the box runs east from 4.85 across ±180° to 0.15
+    across = index.search_codes(q, k=50, bbox=(4.85, 10.05, 0.15, 11.0))[0]
+    assert sorted(h.id for h in across) == ["t0", "t1", "t48", "t49"]
     with pytest.raises(RshashError, match="bbox"):
-        index.search_codes(q, k=5, bbox=(2, 0, 1, 1))
+        index.search_codes(q, k=5, bbox=(2, 1, 3, 0))
 
 
 def test_removed_items_are_masked_then_compacted_away(small_index):

@@ -363,3 +363,39 @@ def test_service_answers_geojson_and_cuts_tile_images_from_the_scene(scene_index
         assert bad.status_code == 422 and "bbox" in bad.json()["error"]
         assert httpx.get(f"{url}/static/vendor/leaflet/leaflet.js").status_code == 200
         assert httpx.get(f"{url}/static/vendor/leaflet/../../package.json").status_code == 404
+
+
+def test_resumed_build_with_other_bands_does_not_reuse_stale_codes(ucm_run, scene_files, tmp_path):
+    """Guards against the build's resume key ignoring the tile config: tile ids do not change
+    with --bands, so a build killed with bands 1,2,3 and resumed with 3,2,1 must encode again,
+    not reuse the first bands' codes left in INDEX.partial/."""
+    from rshash.index import build as build_module
+    from rshash.index.build import BuildConfig, build_index
+
+    cfg = BuildConfig(image_batch=4, device="cpu")
+    real = build_module.CodeEncoder.encode_images
+    calls = []
+
+    def killed_at_third_batch(self, images):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    out = tmp_path / "index"
+    rgb = SceneTiles(scene_files["munich"], TileConfig(bands=(1, 2, 3)))
+    bgr = SceneTiles(scene_files["munich"], TileConfig(bands=(3, 2, 1)))
+    assert rgb.image_ids == bgr.image_ids
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build_module.CodeEncoder, "encode_images", killed_at_third_batch)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(ucm_run, rgb, out, cfg, progress=False)
+    stale = np.concatenate([np.load(p) for p in sorted((tmp_path / "index.partial").glob("*.npy"))])
+    assert len(stale) == 8
+
+    resumed = build_index(ucm_run, bgr, out, cfg, progress=False)
+    fresh = build_index(ucm_run, bgr, tmp_path / "fresh", cfg, progress=False)
+    codes = resumed.collections["images"].codes
+    assert np.array_equal(codes, fresh.collections["images"].codes)
+    assert not np.array_equal(codes[:8], stale)
+    assert [it["bands"] for it in resumed.items("images")] == [[3, 2, 1]] * 16

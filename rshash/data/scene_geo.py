@@ -13,7 +13,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
-from rshash.errors import DataError
+from rshash.data.bbox import unwrap
 
 Ring = list[list[float]]
 WGS84 = "EPSG:4326"
@@ -49,10 +49,14 @@ def to_wgs84(crs: CRS, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.n
     return np.asarray(lon).reshape(xs.shape), np.asarray(lat).reshape(ys.shape)
 
 
-def ring(xs: Sequence[float], ys: Sequence[float], digits: int) -> Ring:
-    """A closed, counter-clockwise ring from corner coordinates."""
+def ring(xs: Sequence[float], ys: Sequence[float], digits: int, lonlat: bool = False) -> Ring:
+    """A closed, counter-clockwise ring from corner coordinates. `lonlat`: longitudes, which stay
+    in [-180, 180]; a ring across the antimeridian is oriented on its unwrapped longitudes."""
     pts = [[round(float(x), digits), round(float(y), digits)] for x, y in zip(xs, ys, strict=True)]
-    return counter_clockwise([*pts, pts[0]])
+    closed = [*pts, pts[0]]
+    lons = unwrap([p[0] for p in closed]) if lonlat else [p[0] for p in closed]
+    ccw = signed_area([[x, p[1]] for x, p in zip(lons, closed, strict=True)]) >= 0
+    return closed if ccw else closed[::-1]
 
 
 def resolution_m(crs: CRS, transform: Affine, lon: float, lat: float) -> float:
@@ -81,27 +85,3 @@ def acquired_date(tags: Mapping[str, str]) -> str | None:
         if match:
             return "-".join(match.groups())
     return None
-
-
-BBox = tuple[float, float, float, float]
-
-
-def check_bbox(values: Sequence[float], field: str = "bbox") -> BBox:
-    """(minlon, minlat, maxlon, maxlat) in WGS84 degrees, or a one-line error naming `field`."""
-    if len(values) != 4:
-        raise DataError(f"{field}: expected 4 numbers minlon,minlat,maxlon,maxlat")
-    minlon, minlat, maxlon, maxlat = (float(v) for v in values)
-    if not (-180 <= minlon <= maxlon <= 180 and -90 <= minlat <= maxlat <= 90):
-        raise DataError(
-            f"{field}: expected -180 ≤ minlon ≤ maxlon ≤ 180 and -90 ≤ minlat ≤ maxlat ≤ 90"
-        )
-    return minlon, minlat, maxlon, maxlat
-
-
-def parse_bbox(text: str, field: str = "bbox") -> BBox:
-    """'minlon,minlat,maxlon,maxlat' → a WGS84 box, or a one-line error naming `field`."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise DataError(f"{field}: expected minlon,minlat,maxlon,maxlat, got {text!r}") from None
-    return check_bbox(values, field)

@@ -20,6 +20,8 @@ Policies:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import threading
 import warnings
@@ -36,6 +38,7 @@ from PIL import Image
 from rasterio.crs import CRS
 from tqdm import tqdm
 
+from rshash.data.bbox import bounds_of
 from rshash.data.scene_geo import acquired_date, corner_coords, resolution_m, ring, to_wgs84
 from rshash.data.scene_pixels import (
     PERCENTILES,
@@ -308,6 +311,22 @@ class SceneTiles:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (Ray ships the tiles to its workers), without open datasets or caches."""
+        return {**self.__dict__, "_open": None, "_footprints": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open = _OpenScenes()
+
+    @property
+    def build_key(self) -> str:
+        """What a tile's pixels depend on beyond its id (the build's resume key takes it in): the
+        tile config and each scene file's path, size and modification time."""
+        stats = [(s.path, s.path.stat()) for s in self.scenes]
+        files = [(str(path), st.st_size, st.st_mtime_ns) for path, st in stats]
+        return json.dumps([dataclasses.asdict(self.cfg), files])
+
     def _locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
             raise IndexError(i)
@@ -351,13 +370,8 @@ class SceneTiles:
             },
             "crs": scene.crs.to_string(),
             "footprint": ring(xs, ys, digits),
-            "footprint_wgs84": ring(lon, lat, 8),
-            "bounds_wgs84": [
-                round(float(lon.min()), 8),
-                round(float(lat.min()), 8),
-                round(float(lon.max()), 8),
-                round(float(lat.max()), 8),
-            ],
+            "footprint_wgs84": ring(lon, lat, 8, lonlat=True),
+            "bounds_wgs84": bounds_of(lon.tolist(), lat.tolist()),
             "resolution_m": scene.resolution_m,
             "acquired": scene.acquired,
             "bands": list(scene.bands),

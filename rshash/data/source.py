@@ -10,7 +10,11 @@ from PIL import Image
 
 
 class ImageSource(Protocol):
-    """Images to encode, with their ids, captions (may be empty) and records."""
+    """Images to encode, with their ids, captions (may be empty) and records.
+
+    A source whose pixels depend on more than its image ids (scene tiles: bands, stride, the
+    scene files) also has a `build_key` string, so a resumed build never reuses stale codes.
+    """
 
     @property
     def name(self) -> str: ...

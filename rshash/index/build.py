@@ -103,7 +103,10 @@ def _prepare_work(work: Path, key: str) -> None:
 
 
 def _job_key(ds: ImageSource, cfg: BuildConfig, encoder: CodeEncoder, features: bool) -> str:
+    """What saved batches depend on: ids, captions, batch sizes, the model, and the source's own
+    `build_key` when it has one (scene tiles: the tile config and the scene files)."""
     h = hashlib.sha256()
+    h.update(str(getattr(ds, "build_key", "")).encode())
     for image_id, caps in zip(ds.image_ids, ds.captions, strict=True):
         h.update(json.dumps([image_id, list(caps)]).encode())
     h.update(json.dumps([cfg.image_batch, cfg.text_batch, features]).encode())

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rshash.data import scene_geo
+from rshash.data import bbox as boxes
 from rshash.errors import RshashError
 
 COLUMNS = ("id", "image", "path", "class", "dataset")
@@ -166,12 +166,38 @@ def compile_where(text: str) -> tuple[str, list[Any]]:
     return sql, parser.params
 
 
-def check_bbox(bbox: Any) -> tuple[float, float, float, float]:
-    """(minlon, minlat, maxlon, maxlat) in WGS84 degrees, checked (one rule for every entry)."""
+def check_bbox(bbox: Any) -> boxes.BBox:
+    """(minlon, minlat, maxlon, maxlat) in WGS84 degrees, checked (one rule for every entry);
+    minlon > maxlon crosses the antimeridian."""
     try:
         values = [float(v) for v in bbox]
     except (TypeError, ValueError):
         raise RshashError(
             f"bbox: expected 4 numbers (minlon, minlat, maxlon, maxlat), got {bbox!r}"
         ) from None
-    return scene_geo.check_bbox(values)
+    return boxes.check_bbox(values)
+
+
+_BOUND = [f"json_extract(record, '$.bounds_wgs84[{i}]')" for i in range(4)]
+_EAST = f"(CASE WHEN {_BOUND[2]} < {_BOUND[0]} THEN {_BOUND[2]} + 360 ELSE {_BOUND[2]} END)"
+
+
+def compile_bbox(bbox: boxes.BBox) -> tuple[str, list[Any]]:
+    """A checked box → (SQL condition over `items`, its parameters): the item's `bounds_wgs84`
+    meets the box, either or both crossing the antimeridian.
+
+    The R*Tree `bounds` holds each box's span on the unwrapped line (`bbox.lon_span`) and is
+    queried at each shift of the query (`bbox.query_spans`); its 32-bit corners are rounded
+    outwards, so the record's own bounds then decide exactly.
+    """
+    west, south, east, north = bbox
+    spans = boxes.query_spans(west, east)
+    tree = " UNION ALL ".join(
+        "SELECT rid FROM bounds WHERE maxlon >= ? AND minlon <= ? AND maxlat >= ? AND minlat <= ?"
+        for _ in spans
+    )
+    exact = " OR ".join(f"({_EAST} >= ? AND {_BOUND[0]} <= ?)" for _ in spans)
+    sql = f"rid IN ({tree}) AND {_BOUND[3]} >= ? AND {_BOUND[1]} <= ? AND ({exact})"
+    params: list[Any] = [v for lo, hi in spans for v in (lo, hi, south, north)]
+    params += [south, north, *(v for span in spans for v in span)]
+    return sql, params

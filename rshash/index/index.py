@@ -41,7 +41,7 @@ from rshash.fileio import write_json_atomic
 from rshash.index import store
 from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.engines import Engine, Hits, make_engine
-from rshash.index.filters import check_bbox, compile_where
+from rshash.index.filters import check_bbox, compile_bbox, compile_where
 from rshash.index.packing import code_bytes, pad_packed
 from rshash.index.store import (
     COLLECTIONS,
@@ -728,16 +728,9 @@ class Index(Searcher):
             cond, params = compile_where(where)
             sql += f" AND {cond}"
         if box is not None:
-            minlon, minlat, maxlon, maxlat = box
-            sql += (
-                " AND rid IN (SELECT rid FROM bounds WHERE maxlon >= ? AND minlon <= ?"
-                " AND maxlat >= ? AND minlat <= ?)"
-                " AND json_extract(record, '$.bounds_wgs84[2]') >= ?"
-                " AND json_extract(record, '$.bounds_wgs84[0]') <= ?"
-                " AND json_extract(record, '$.bounds_wgs84[3]') >= ?"
-                " AND json_extract(record, '$.bounds_wgs84[1]') <= ?"
-            )
-            params += [minlon, maxlon, minlat, maxlat] * 2
+            cond, box_params = compile_bbox(box)
+            sql += f" AND {cond}"
+            params += box_params
         try:
             rows = self._db().execute(sql, params)
             keys = np.sort(np.fromiter((r[0] for r in rows), np.int64))

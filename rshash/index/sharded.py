@@ -1,10 +1,11 @@
 """Archives beyond one machine, on Ray: bulk encoding into index shards, sharded search.
 
-`ray_build_shards` encodes images with Ray Data (`map_batches` with one model per worker, on CPU
-or GPU workers) and writes S index shards with global keys. `ShardedIndex` holds each shard in a
-Ray actor, scatters a query to all of them and merges their top-k by (distance, key), which is
-exactly the answer of one index over the union. Both run against a local Ray (`ray.init()`) or a
-cluster (`address="ray://head:10001"`).
+`ray_build_shards` encodes any image source (a `Dataset`, the `SceneTiles` of many scenes) with
+Ray Data (`map_batches` with one model per worker, on CPU or GPU workers; each worker reads its
+own images or tile windows) and writes S index shards with global keys. `ShardedIndex` holds each
+shard in a Ray actor, scatters a query to all of them and merges their top-k by (distance, key),
+which is exactly the answer of one index over the union. Both run against a local Ray
+(`ray.init()`) or a cluster (`address="ray://head:10001"`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rshash.data.dataset import Dataset
-from rshash.data.images import load_rgb
+from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.fileio import write_json_atomic
 from rshash.index.build import caption_records, image_records
@@ -40,19 +40,22 @@ def _ray(address: str | None) -> Any:
 
 
 class EncodeImages:
-    """Ray Data callable class: one model per worker, batches of image paths → packed codes."""
+    """Ray Data callable class: one model and one copy of the image source per worker; batches
+    of image numbers → packed codes. Workers load the images themselves (files, or tiles read
+    from their scenes' windows), so no pixels pass through the driver."""
 
-    def __init__(self, run_dir: str, device: str) -> None:
+    def __init__(self, run_dir: str, device: str, source: ImageSource) -> None:
         self.encoder = CodeEncoder(HashRun.open(run_dir), device)
+        self.source = source
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [load_rgb(Path(p)) for p in batch["path"]]
+        images = [self.source.load_image(int(i)) for i in batch["row"]]
         return {"row": batch["row"], "codes": self.encoder.encode_images(images)}
 
 
 def ray_encode_images(
     run_dir: str | Path,
-    ds: Dataset,
+    ds: ImageSource,
     batch: int = 32,
     workers: int = 2,
     gpus_per_worker: float = 0.0,
@@ -60,15 +63,17 @@ def ray_encode_images(
     address: str | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Packed codes of every image of `ds`, encoded by `workers` Ray Data workers."""
+    """Packed codes of every image of `ds` (a `Dataset`, `SceneTiles`: any image source),
+    encoded by `workers` Ray Data workers. Each worker gets a copy of the source and loads its
+    images from the source's paths, so every node must read them (shared storage)."""
     ray = _ray(address)
     rows = ray.data.from_items(
-        [{"row": i, "path": str(p)} for i, p in enumerate(ds.image_paths)],
+        [{"row": i} for i in range(len(ds))],
         override_num_blocks=max(1, min(len(ds), workers * 4)),
     )
     encoded = rows.map_batches(
         EncodeImages,
-        fn_constructor_args=(str(run_dir), device),
+        fn_constructor_args=(str(run_dir), device, ds),
         batch_size=batch,
         batch_format="numpy",
         concurrency=workers,
@@ -85,7 +90,7 @@ def ray_encode_images(
 
 def ray_build_shards(
     run_dir: str | Path,
-    ds: Dataset,
+    ds: ImageSource,
     out: str | Path,
     shards: int,
     engine: str = "exact",
@@ -106,7 +111,7 @@ def ray_build_shards(
     texts = [c["text"] for c in captions]
     if caption_codes is None and texts:
         caption_codes = CodeEncoder(HashRun.open(run_dir)).encode_texts(texts)
-    cap_start = np.concatenate([[0], np.cumsum(ds.caption_counts)])
+    cap_start = np.concatenate([[0], np.cumsum([len(c) for c in ds.captions])])
     paths = []
     for s in range(shards):
         lo, hi = s * len(ds) // shards, (s + 1) * len(ds) // shards

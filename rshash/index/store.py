@@ -5,7 +5,8 @@
   columns `id`, `image`, `path`, `class`, `dataset`, `captions`, `record` (the rest of the
   item's record as JSON) and the generations `gen_added` / `gen_removed` that bound the row's
   life; indexes on id, image, (class | dataset, generations: covering a filter's key query) and
-  removed rows; an R*Tree `bounds` over the records' `bounds_wgs84`. A reader at generation G
+  removed rows; an R*Tree `bounds` over the records' `bounds_wgs84` (a box across the
+  antimeridian, west > east, as [west, east + 360]). A reader at generation G
   sees the rows with gen_added ≤ G < gen_removed.
 - `seg-<collection>-<generation>.bin`: the codes one commit added, as (int64 key, code bytes)
   pairs in key order; append-only, never rewritten, deleted only by compaction.
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from rshash.data.bbox import lon_span
 from rshash.errors import RshashError
 
 FORMAT = "rshash-index/2"
@@ -142,9 +144,10 @@ def insert_bounds(db: sqlite3.Connection, rid: int, rec: dict[str, Any]) -> None
         raise RshashError(
             f"item {rec['id']!r}: bounds_wgs84 must be [minlon, minlat, maxlon, maxlat]"
         ) from None
+    west, east = lon_span(minlon, maxlon)  # across the antimeridian: east + 360
     db.execute(
         "INSERT INTO bounds (rid, minlon, maxlon, minlat, maxlat) VALUES (?, ?, ?, ?, ?)",
-        (rid, minlon, maxlon, minlat, maxlat),
+        (rid, west, east, minlat, maxlat),
     )
 
 

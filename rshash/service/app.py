@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from rshash.data.scene_geo import check_bbox, parse_bbox
+from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
@@ -69,7 +69,9 @@ class TextQuery(BaseModel):
     collection: Literal["images", "captions"] = "images"
     where: str | None = Field(default=None, description="Filter expression on item records.")
     bbox: BBox | None = Field(
-        default=None, description="[minlon, minlat, maxlon, maxlat] (WGS84) the items must touch."
+        default=None,
+        description="[minlon, minlat, maxlon, maxlat] (WGS84) the items must touch; minlon >"
+        " maxlon crosses the antimeridian.",
     )
     format: Literal["json", "geojson"] = Field(
         default="json", description="geojson: the results as a FeatureCollection (QGIS opens it)."

@@ -1,24 +1,56 @@
 """Search hits as a GeoJSON FeatureCollection (RFC 7946) that GIS tools such as QGIS open as is.
 
 Each hit is a Feature: its WGS84 footprint as a Polygon (exterior ring closed, counter-clockwise),
-or a null geometry for an item without one (a plain image, a caption). Properties are flat
+a footprint across the antimeridian as a MultiPolygon of its parts either side of ±180° (RFC 7946
+§3.1.9), or a null geometry for an item without one (a plain image, a caption). Properties are flat
 scalars, one column each in a GIS attribute table.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from rshash.data.bbox import crosses_antimeridian, unwrap
 from rshash.data.scene_geo import counter_clockwise
 
+Ring = list[list[float]]
 
-def _polygon(ring: list[list[float]] | None) -> dict[str, Any] | None:
+
+def _clip(points: Ring, west: bool) -> Ring:
+    """The closed ring cut to the side of the 180° meridian (`west`: lon ≤ 180), closed."""
+    inside = (lambda x: x <= 180.0) if west else (lambda x: x >= 180.0)
+    out: Ring = []
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if inside(x0):
+            out.append([x0, y0])
+        if inside(x0) != inside(x1) and x0 != x1:
+            out.append([180.0, y0 + (180.0 - x0) * (y1 - y0) / (x1 - x0)])
+    out = [p for p, q in itertools.pairwise([*out, out[0]]) if p != q] if out else []
+    return [*out, out[0]] if len(out) >= 3 else []
+
+
+def _antimeridian_parts(points: Ring) -> list[Ring]:
+    """A closed ring across ±180° cut there: its parts, each with longitudes in [-180, 180]."""
+    lons = unwrap([x for x, _ in points])
+    if min(lons) < -180.0:  # make it straddle +180, then cut at +180
+        lons = [x + 360.0 for x in lons]
+    line = [[x, y] for x, (_, y) in zip(lons, points, strict=True)]
+    west, east = _clip(line, west=True), _clip(line, west=False)
+    east = [[x - 360.0, y] for x, y in east]
+    return [counter_clockwise(part) for part in (west, east) if part]
+
+
+def _geometry(ring: Ring | None) -> dict[str, Any] | None:
     if not ring or len(ring) < 3:
         return None
     points = [[float(x), float(y)] for x, y in ring]
     if points[0] != points[-1]:
         points.append(points[0])
+    if crosses_antimeridian([x for x, _ in points]):
+        parts = _antimeridian_parts(points)
+        return {"type": "MultiPolygon", "coordinates": [[part] for part in parts]}
     return {"type": "Polygon", "coordinates": [counter_clockwise(points)]}
 
 
@@ -47,7 +79,7 @@ def hit_feature(hit: Mapping[str, Any], rank: int) -> dict[str, Any]:
     feature: dict[str, Any] = {
         "type": "Feature",
         "id": hit["id"],
-        "geometry": _polygon(hit.get("footprint_wgs84")),
+        "geometry": _geometry(hit.get("footprint_wgs84")),
         "properties": {k: v for k, v in props.items() if v is not None},
     }
     if hit.get("bounds_wgs84"):
