@@ -377,7 +377,7 @@ def main() -> None:
 
     server = start_server(index_path, args.port, args.serve_options.split())
     results, shed_ms, load, error_kinds = [], {}, {}, {}
-    server: dict[str, dict[str, Any]] = {}
+    seen: dict[str, dict[str, Any]] = {}
     try:
 
         def run(scenario: str, kind: str, coro: Any, offered: float | None) -> dict:
@@ -388,7 +388,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             e = entry(scenario, kind, tally, seconds, limits_before[kind], offered)
             path = "/search/text" if kind == "text" else "/search/image"
-            server[scenario] = server_view(seen_before, server_samples(args.port), path)
+            seen[scenario] = server_view(seen_before, server_samples(args.port), path)
             results.append(e)
             load[scenario] = {"before": before, "after": os.getloadavg()}
             if tally.errors:
@@ -427,7 +427,7 @@ def main() -> None:
         "shed_answer_ms": shed_ms,
         "error_kinds": error_kinds,
         "loadavg": load,
-        "server_side": server,
+        "server_side": seen,
         "encoder_limits": {"before": limits_before, "after": limits_after},
         "pool": {"texts": len(texts), "images": len(images)},
         "index": {"images": len(index), "path": str(index_path)},
@@ -445,7 +445,7 @@ def main() -> None:
         f"- {name}: mean batch {v['mean_batch']} queries"
         + (f"; 503s written within {v['server_503_p99_le_ms']:g} ms (p99)" if len(v) > 1 else "")
         + "\n"
-        for name, v in server.items()
+        for name, v in seen.items()
     )
     load_lines = "".join(
         f"- {name}: load average {v['before'][0]:.2f} before, {v['after'][0]:.2f} after\n"

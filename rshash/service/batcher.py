@@ -5,9 +5,11 @@ waiting (up to `max_batch`), hands the list to the batch function in a worker th
 each caller its own result or exception. A lone request on an idle service goes straight through;
 only while requests arrive concurrently (the previous batch held more than one) does the worker
 wait up to `max_wait_ms` for the batch to fill. Past `max_queue` waiting requests, or (with
-`max_queue_ms`) when the requests already waiting would take longer than that to serve at the
-recent rate, `submit` raises `QueueFull` at once (the service answers 503), so accepted requests
-keep their latency.
+`max_queue_ms`) when a new request would wait longer than that for its batch to start, `submit` raises
+`QueueFull` at once (the service answers 503), so accepted requests keep their latency. The wait
+is predicted from a batch-cost model fitted to recent batches (a fixed cost per batch plus a cost
+per item): a per-item average taken from lone requests would count the fixed cost once per
+queued request and refuse a burst that one batch serves quickly.
 """
 
 from __future__ import annotations
@@ -38,6 +40,41 @@ class BatchConfig:
 BatchFn = Callable[[list[T]], Sequence[R | BaseException]]
 
 
+class BatchCost:
+    """Seconds a batch of n items takes, `fixed + per_item * n`, fitted by least squares with
+    exponential forgetting over recent batches (weight `1 - decay` for the newest)."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._sums = [0.0] * 5  # weights, n, t, n*n, n*t
+
+    @property
+    def seen(self) -> bool:
+        return self._sums[0] > 0
+
+    def observe(self, n: int, seconds: float) -> None:
+        new = (1.0, n, seconds, n * n, n * seconds)
+        d = self.decay
+        self._sums = [d * s + (1 - d) * x for s, x in zip(self._sums, new, strict=True)]
+
+    def coefficients(self) -> tuple[float, float]:
+        """(fixed, per_item), both ≥ 0. Seen one batch size only, all its time counts as fixed:
+        the optimistic guess keeps a burst after lone requests from being refused (which would
+        keep batches lone), and the next, larger batches correct it."""
+        w, n, t, nn, nt = self._sums
+        mean_n, mean_t = n / w, t / w
+        spread = nn / w - mean_n**2
+        if spread <= 1e-9 * max(mean_n**2, 1.0):
+            return mean_t, 0.0
+        per_item = max((nt / w - mean_n * mean_t) / spread, 0.0)
+        fixed = max(mean_t - per_item * mean_n, 0.0)
+        return fixed, per_item
+
+    def __call__(self, n: int) -> float:
+        fixed, per_item = self.coefficients()
+        return fixed + per_item * n
+
+
 class Batcher(Generic[T, R]):
     """Gathers submitted items into batches for `fn(items) -> results` (one per item, in order).
 
@@ -61,7 +98,7 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._last_batch = 0
-        self._item_seconds = 0.0  # recent time per item, a moving average over batches
+        self.cost = BatchCost()
 
     @property
     def depth(self) -> int:
@@ -70,15 +107,18 @@ class Batcher(Generic[T, R]):
 
     @property
     def expected_wait(self) -> float:
-        """Seconds the requests now waiting would take to serve at the recent rate."""
-        return len(self._queue) * self._item_seconds
+        """Seconds a request submitted now waits before its batch starts, by the batch-cost
+        model: the full batches ahead of it (0 before any batch was timed)."""
+        if not self.cost.seen:
+            return 0.0
+        return len(self._queue) // self.config.max_batch * self.cost(self.config.max_batch)
 
     async def submit(self, item: T) -> R:
         cfg = self.config
         if len(self._queue) >= cfg.max_queue:
             raise QueueFull(f"{len(self._queue)} queries waiting")
         if cfg.max_queue_ms is not None and self.expected_wait * 1000 > cfg.max_queue_ms:
-            work = f"{self.expected_wait:.2f} s of work"
+            work = f"{self.expected_wait:.2f} s of batches ahead"
             raise QueueFull(f"{len(self._queue)} queries waiting, {work}")
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
@@ -132,10 +172,7 @@ class Batcher(Generic[T, R]):
                 results = await loop.run_in_executor(None, self._call, items)
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 results = [exc] * len(batch)
-            per_item = (time.perf_counter() - start) / len(batch)
-            self._item_seconds = (
-                per_item if not self._item_seconds else (0.7 * self._item_seconds + 0.3 * per_item)
-            )
+            self.cost.observe(len(batch), time.perf_counter() - start)
             for (_, fut), res in zip(batch, results, strict=True):
                 if fut.done():
                     continue
