@@ -556,7 +556,7 @@ def serve(
     ] = 128,
     max_queue_ms: Annotated[
         float | None,
-        typer.Option(help="Also 503 when the waiting queries would take longer than this (ms)."),
+        typer.Option(help="Also 503 when the batches ahead of a query would take longer (ms)."),
     ] = None,
     refresh_interval: Annotated[
         float, typer.Option(help="Seconds between looks for a new index generation.")

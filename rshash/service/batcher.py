@@ -5,11 +5,11 @@ waiting (up to `max_batch`), hands the list to the batch function in a worker th
 each caller its own result or exception. A lone request on an idle service goes straight through;
 only while requests arrive concurrently (the previous batch held more than one) does the worker
 wait up to `max_wait_ms` for the batch to fill. Past `max_queue` waiting requests, or (with
-`max_queue_ms`) when a new request would wait longer than that for its batch to start, `submit` raises
-`QueueFull` at once (the service answers 503), so accepted requests keep their latency. The wait
-is predicted from a batch-cost model fitted to recent batches (a fixed cost per batch plus a cost
-per item): a per-item average taken from lone requests would count the fixed cost once per
-queued request and refuse a burst that one batch serves quickly.
+`max_queue_ms`) when a new request would wait longer than that for its batch to start, `submit`
+raises `QueueFull` at once (the service answers 503), so accepted requests keep their latency.
+The wait is predicted from a batch-cost model fitted to recent batches (a fixed cost per batch
+plus a cost per item): a per-item average taken from lone requests would count the fixed cost
+once per queued request and refuse a burst that one batch serves quickly.
 """
 
 from __future__ import annotations
