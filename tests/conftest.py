@@ -166,3 +166,22 @@ def scene_index(ucm_run: Path, scene_files: dict[str, Path]) -> Path:
     if not (out / "index.json").exists():
         build_index(ucm_run, SceneTiles(folder), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def fiji_scene(tmp_path_factory: pytest.TempPathFactory, ucm_path: Path) -> Path:
+    """A 4 x 4 mosaic across the antimeridian (tests/scenes_data.py FIJI)."""
+    from tests.scenes_data import FIJI, mosaic_layout, write_mosaic
+
+    return write_mosaic(tmp_path_factory.mktemp("fiji") / "fiji.tif", mosaic_layout(4, 2), **FIJI)
+
+
+@pytest.fixture(scope="session")
+def fiji_scene_index(ucm_run: Path, fiji_scene: Path) -> Path:
+    """The Fiji mosaic as 256-px tiles (seconds)."""
+    from rshash.data.scenes import SceneTiles
+    from rshash.index.build import BuildConfig, build_index
+
+    out = fiji_scene.parent / "index"
+    build_index(ucm_run, SceneTiles(fiji_scene), out, BuildConfig(device="cpu"), progress=False)
+    return out

@@ -15,7 +15,7 @@ from rshash.data.scenes import SceneTiles
 from rshash.errors import DataError
 from rshash.index import Index
 from rshash.service.geojson import feature_collection
-from tests.scenes_data import FIJI, box_around, mosaic_layout, write_mosaic
+from tests.scenes_data import FIJI, box_around, mosaic_layout
 
 LAYOUT = mosaic_layout(4, shift=2)
 CELLS = [(r, c) for r in range(4) for c in range(4)]
@@ -30,23 +30,14 @@ def box(cells: list[tuple[int, int]]) -> tuple[float, float, float, float]:
 
 
 @pytest.fixture(scope="module")
-def fiji(tmp_path_factory, ucm_path):
-    return write_mosaic(tmp_path_factory.mktemp("fiji") / "fiji.tif", LAYOUT, **FIJI)
+def fiji_index(fiji_scene_index):
+    return Index.open(fiji_scene_index, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def fiji_index(fiji, ucm_run):
-    from rshash.index.build import BuildConfig, build_index
-
-    out = fiji.parent / "index"
-    build_index(ucm_run, SceneTiles(fiji), out, BuildConfig(device="cpu"), progress=False)
-    return Index.open(out, device="cpu")
-
-
-def test_tiles_across_180_get_rfc7946_bounds_and_counter_clockwise_rings(fiji):
+def test_tiles_across_180_get_rfc7946_bounds_and_counter_clockwise_rings(fiji_scene):
     """Guards against min/max of longitudes giving a tile across ±180° bounds that span the
     globe, and its ring oriented on raw longitudes (clockwise once unwrapped)."""
-    tiles = SceneTiles(fiji)
+    tiles = SceneTiles(fiji_scene)
     assert set(tiles.image_ids) == ids(CELLS)
     for i in range(len(tiles)):
         rec = tiles.image_record(i)
@@ -119,3 +110,39 @@ def test_bbox_rule_accepts_minlon_above_maxlon_as_crossing():
         check_bbox([181, 0, 1, 1], "--bbox")
     with pytest.raises(DataError, match="minlat ≤ maxlat"):
         check_bbox([0, 2, 1, 1])
+
+
+def test_overview_of_a_scene_across_180_is_placed_across_it(fiji_scene_index):
+    """Guards against the scene overview failing across ±180° (a Web Mercator warp spanning the
+    globe with zero height), and its bounds not enclosing the scene's footprints once unwrapped."""
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from rshash.data.bbox import lon_span
+    from rshash.service import ServiceConfig
+    from tests.service_server import running_service
+
+    item = LAYOUT.tile_id("fiji", 1, 1)
+    with running_service(fiji_scene_index, ServiceConfig(device="cpu")) as url:
+        info = httpx.get(f"{url}/scenes/overview", params={"item": item})
+        assert info.status_code == 200, info.text
+        west, south, east, north = info.json()["bounds_wgs84"]
+        png = httpx.get(url + info.json()["image"])
+        fc = httpx.post(
+            f"{url}/search/text", json={"query": "a parking lot", "k": 16, "format": "geojson"}
+        ).json()
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    assert image.mode == "RGBA" and max(image.size) == 1024 and min(image.size) > 900
+    alpha = np.asarray(image)[..., 3]
+    assert alpha[image.size[1] // 2, image.size[0] // 2] == 255 and alpha[5, 5] == 0
+
+    lo, hi = lon_span(west, east)
+    assert west > east and 0.004 < hi - lo < 0.0045  # 0.0041° wide, not the globe
+    lons = [x + 360 if x < 0 else x for f in fc["features"] for x in f["bbox"][::2]]
+    lats = [y for f in fc["features"] for y in f["bbox"][1::2]]
+    assert len(lons) == 32 and lo < min(lons) and max(lons) < hi
+    assert south < min(lats) and max(lats) < north

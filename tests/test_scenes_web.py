@@ -11,7 +11,7 @@ import pytest
 
 from rshash.service import ServiceConfig
 from rshash.service.geo_routes import leaflet_dir
-from tests.scenes_data import CORNER, box_around
+from tests.scenes_data import CORNER, FIJI, box_around, mosaic_layout
 from tests.service_server import running_service
 from tests.test_web_page import ARTIFACTS, CHROMIUM, FLAGS
 
@@ -103,4 +103,50 @@ def test_map_shows_footprints_highlights_and_sends_the_drawn_box(browser, scene_
         sent = request.value.post_data_json["bbox"]
         assert sent == pytest.approx(list(box), abs=2e-5)  # within ~2 m of the drawn corners
         assert page.is_visible("#bbox") and page.locator("path.bbox").count() == 1
+        page.close()
+
+
+@pytest.mark.slow
+def test_map_draws_a_scene_across_180_in_place_and_sends_a_crossing_box(browser, fiji_scene_index):
+    """Guards against footprints across ±180° drawn the long way round the globe, the scene's
+    overview missing there, and a box drawn across ±180° sent with longitudes beyond 180 or as
+    minlon < maxlon (the globe minus the box) instead of minlon > maxlon."""
+    layout = mosaic_layout(4, shift=2)
+
+    def box(cells):
+        return box_around(cells, layout, FIJI["crs"], FIJI["origin"])
+
+    cells = [(r, c) for r in range(2) for c in range(3)]
+    west, east = box([(0, 0), (1, 0)])[0], box([(0, 2), (1, 2)])[2]
+    _, south, _, north = box(cells)
+    assert west > 179.99 and east < -179.99
+    with running_service(fiji_scene_index, ServiceConfig(device="cpu")) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        search(page, url, "a parking lot")
+        page.wait_for_function(
+            "[...document.querySelectorAll('img.scene-overview')]"
+            ".filter(i => i.complete && i.naturalWidth).length === 1"
+        )
+        scene = page.locator("img.scene-overview").bounding_box()
+        assert 100 < scene["width"] < 1280
+        drawn = page.locator("path.footprint")
+        assert drawn.count() == 16
+        for i in range(16):
+            b = drawn.nth(i).bounding_box()
+            assert 20 < b["width"] < scene["width"] / 3  # a tile, not a band round the globe
+            assert scene["x"] <= b["x"] and b["x"] + b["width"] <= scene["x"] + scene["width"]
+        page.screenshot(path=str(ARTIFACTS / "web-page-map-antimeridian.png"), full_page=True)
+
+        center = page.evaluate("window.geoMap.map.getCenter().lng")
+        shift = 360 * round((center - west) / 360)  # the frame the page draws the scene in
+        on_map = (west + shift, south, east + 360 + shift, north)
+        zoom_to(page, on_map)
+        with page.expect_response("**/search/text") as response:
+            drag_box(page, on_map)
+        assert response.value.request.post_data_json["bbox"] == pytest.approx(
+            [west, south, east, north], abs=2e-5
+        )
+        found = {hit["id"] for hit in response.value.json()["results"]}
+        assert found == {layout.tile_id("fiji", r, c) for r, c in cells}
+        assert page.locator("path.bbox").bounding_box()["width"] < 1280
         page.close()

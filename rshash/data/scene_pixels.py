@@ -25,6 +25,11 @@ from rshash.errors import DataError
 os.environ.setdefault("GDAL_CACHEMAX", "256")
 Stretch = list[list[float]] | None
 PERCENTILES = (2.0, 98.0)
+# Web Mercator (EPSG:3857's sphere and units) centred on 180°: continuous across the antimeridian
+MERCATOR_180 = (
+    "+proj=merc +a=6378137 +b=6378137 +lat_ts=0 +lon_0=180 +x_0=0 +y_0=0 +k=1 +units=m"
+    " +nadgrids=@null +no_defs"
+)
 
 
 def percentile_stretch(
@@ -155,18 +160,25 @@ def render_overview(
     path: str | Path, bands: Sequence[int], stretch: Stretch, max_size: int = 1024
 ) -> tuple[Image.Image, list[float]]:
     """The whole scene warped to Web Mercator and shrunk to at most `max_size` px (from its
-    overviews when it has them), as RGBA (nodata transparent), with its [minlon, minlat, maxlon,
-    maxlat]: a web map can lay it exactly over its bounds."""
+    overviews when it has them), as RGBA (nodata transparent), with its [west, south, east,
+    north]: a web map can lay it exactly over its bounds. A scene across the antimeridian gets
+    west > east (RFC 7946) and is warped to Web Mercator centred on 180°, which is continuous
+    there: the image covers [west, east + 360]."""
     from rasterio.vrt import WarpedVRT
     from rasterio.warp import transform_bounds
 
-    with open_scene(path) as src, WarpedVRT(src, crs="EPSG:3857", add_alpha=True) as vrt:
-        scale = max(vrt.width, vrt.height) / max_size
-        h, w = max(1, math.ceil(vrt.height / scale)), max(1, math.ceil(vrt.width / scale))
-        data = vrt.read(list(bands), out_shape=(len(bands), h, w), resampling=Resampling.average)
-        alpha = vrt.read(vrt.count, out_shape=(h, w), resampling=Resampling.nearest)
-        rgb = np.asarray(to_rgb(data, stretch, src.nodata))
-        bounds = transform_bounds(vrt.crs, "EPSG:4326", *vrt.bounds)
+    with open_scene(path) as src:
+        west, _, east, _ = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+        crs = MERCATOR_180 if west > east else "EPSG:3857"
+        with WarpedVRT(src, crs=crs, add_alpha=True) as vrt:
+            scale = max(vrt.width, vrt.height) / max_size
+            h, w = max(1, math.ceil(vrt.height / scale)), max(1, math.ceil(vrt.width / scale))
+            data = vrt.read(
+                list(bands), out_shape=(len(bands), h, w), resampling=Resampling.average
+            )
+            alpha = vrt.read(vrt.count, out_shape=(h, w), resampling=Resampling.nearest)
+            rgb = np.asarray(to_rgb(data, stretch, src.nodata))
+            bounds = transform_bounds(vrt.crs, "EPSG:4326", *vrt.bounds)
         if src.nodata is not None:
             alpha = np.where((data == src.nodata).all(axis=0), 0, alpha)
     rgba = np.dstack([rgb, alpha.astype(np.uint8)])

@@ -9,6 +9,12 @@
   const scenes = L.layerGroup().addTo(map);
   const footprints = L.featureGroup().addTo(map);
   const shownScenes = new Map();  // scene name -> image overlay
+  // Longitudes are drawn on one continuous line (Leaflet takes any lng): each scene near the
+  // longitude of its first hit, so a footprint or scene across ±180° is not drawn the long way
+  // round; boxes are [west, south, east, north] with west > east across ±180° (RFC 7946).
+  const frames = new Map();  // scene name -> the longitude it is drawn near
+  const near = (lon, ref) => lon - 360 * Math.round((lon - ref) / 360);
+  const width = (w, e) => (e >= w ? e - w : e + 360 - w);
   const byId = new Map();  // tile id -> polygon
   let bbox = null, boxLayer = null, drawing = false, start = null, dragBox = null, fitted = false;
 
@@ -33,7 +39,9 @@
     if (!res.ok) return;
     const info = await res.json();
     const [w, s, e, n] = info.bounds_wgs84;
-    const layer = L.imageOverlay(info.image, [[s, w], [n, e]], {className: "scene-overview"});
+    const west = near(w, frames.get(hit.scene));
+    const layer = L.imageOverlay(info.image, [[s, west], [n, west + width(w, e)]],
+      {className: "scene-overview"});
     shownScenes.set(hit.scene, layer.addTo(scenes));
   }
 
@@ -43,7 +51,9 @@
     footprints.clearLayers();
     byId.clear();
     for (const hit of tiles) {
-      const poly = L.polygon(hit.footprint_wgs84.map(([lon, lat]) => [lat, lon]), base);
+      if (!frames.has(hit.scene)) frames.set(hit.scene, hit.footprint_wgs84[0][0]);
+      const ref = frames.get(hit.scene);
+      const poly = L.polygon(hit.footprint_wgs84.map(([lon, lat]) => [lat, near(lon, ref)]), base);
       poly.bindTooltip(`${hit.id} · d = ${hit.distance}`);
       poly.on("mouseover", () => highlight(hit.id, true));
       poly.on("mouseout", () => highlight(hit.id, false));
@@ -80,12 +90,19 @@
     if (boxLayer) { boxLayer.remove(); boxLayer = null; }
     if (box) {
       const [w, s, e, n] = box;
-      boxLayer = L.rectangle([[s, w], [n, e]], {color: "#1f3b57", weight: 2, dashArray: "6 4",
-        fill: false, interactive: false, className: "bbox"}).addTo(map);
+      const west = near(w, map.getCenter().lng);
+      boxLayer = L.rectangle([[s, west], [n, west + width(w, e)]], {color: "#1f3b57", weight: 2,
+        dashArray: "6 4", fill: false, interactive: false, className: "bbox"}).addTo(map);
       $("bbox-text").textContent = box.map((v) => v.toFixed(5)).join(", ");
     }
     $("bbox").hidden = !box;
     window.dispatchEvent(new CustomEvent("bboxchange", {detail: box}));
+  }
+
+  function boxOf(b) {  // drawn bounds, at any longitudes -> a bbox with longitudes in [-180, 180]
+    const span = b.getEast() - b.getWest(), west = near(b.getWest(), 0);
+    if (span >= 360) return [-180, b.getSouth(), 180, b.getNorth()];
+    return [west, b.getSouth(), west + span > 180 ? west + span - 360 : west + span, b.getNorth()];
   }
 
   $("draw-box").addEventListener("click", () => {
@@ -110,7 +127,7 @@
     map.getContainer().style.cursor = "";
     map.dragging.enable();
     if (b.getNorth() === b.getSouth() || b.getEast() === b.getWest()) return;
-    setBbox([b.getWest(), b.getSouth(), b.getEast(), b.getNorth()]);
+    setBbox(boxOf(b));
   });
   $("clear-bbox").addEventListener("click", () => setBbox(null));
   $("results").addEventListener("mouseover", (e) => {
