@@ -5,6 +5,7 @@ Seed s trains with seed s on the split drawn with seed 42 + s. mAP@20 is in the 
 (committed), so an interrupted benchmark resumes, in a later session too.
 Usage: python -m benchmarks.duch_ucm [--bits 16 32 64 128] [--seeds 0 1 2] [--no-ablation]
        [--set loss.temperature=0.5 ...]   (a variant: results go to duch_ucm-<variant>.json)
+       [--choose loss.alpha=0,0.001,0.01 ...]   (settings chosen on the validation images)
 """
 
 from __future__ import annotations

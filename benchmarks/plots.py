@@ -1,7 +1,8 @@
 """Figures for the README from the benchmark records: mAP@20 against noise and against bits.
 
-Reads benchmarks/results/{chnr_ucm,duch_ucm,baselines_ucm}.json (mean ± std over seeds) and the
-published rows of ../shared/anchors, writes noise_sweep.png and bits_sweep.png beside them.
+Reads benchmarks/results/{chnr_ucm,duch_ucm,duch_ucm-old-code,baselines_ucm}.json (mean ± std
+over seeds) and the published rows of ../shared/anchors, writes noise_sweep.png and
+bits_sweep.png beside them.
 Usage: python -m benchmarks.plots
 """
 
@@ -74,9 +75,12 @@ def noise_sweep() -> None:
 
 
 def bits_sweep() -> None:
-    duch = json.loads((RESULTS / "duch_ucm.json").read_text())
+    """DUCH and the baselines by code length (code before issue 16, 3 seeds), with the fixed
+    code's DUCH points (`duch_ucm.json`) where they exist."""
+    old = json.loads((RESULTS / "duch_ucm-old-code.json").read_text())
     base = json.loads((RESULTS / "baselines_ucm.json").read_text())
-    records = [{**r, "method": "duch"} for r in duch] + base
+    fixed = json.loads((RESULTS / "duch_ucm.json").read_text())
+    records = [{**r, "method": "duch"} for r in old] + base
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (d, title) in zip(axes, DIRECTIONS.items(), strict=True):
         series = _series(records, lambda r: str(r["method"]).upper(), "bits", d)
@@ -90,6 +94,17 @@ def bits_sweep() -> None:
                 marker="x",
                 color=line[0].get_color(),
                 label=f"{name} (paper)",
+            )
+        for _, (xs, mean, std) in _series(fixed, lambda r: "DUCH", "bits", d).items():
+            ax.errorbar(
+                xs,
+                mean,
+                yerr=std,
+                marker="*",
+                markersize=10,
+                linestyle="none",
+                color="k",
+                label="DUCH, fixed code (α chosen on validation)",
             )
         ax.set(title=f"UCM, clean, {title}", xlabel="code length (bits)")
         ax.set_xscale("log", base=2)
