@@ -5,7 +5,9 @@ Seed s trains with seed s on the split drawn with seed 42 + s. mAP@20 is in the 
 (committed), so an interrupted benchmark resumes, in a later session too.
 Usage: python -m benchmarks.duch_ucm [--bits 16 32 64 128] [--seeds 0 1 2] [--no-ablation]
        [--set loss.temperature=0.5 ...]   (a variant: results go to duch_ucm-<variant>.json)
-       [--choose loss.alpha=0,0.001,0.01 ...]   (settings chosen on the validation images)
+       [--choose loss.alpha=0,0.001,0.01 16:loss.temperature=1,2 ...]   (settings chosen on the
+       validation images; a `BITS:` prefix limits an option to that code length)
+       [--table-only]   (assemble the tables from the recorded runs, skipping missing ones)
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ def ucm_features() -> Path:
     return out
 
 
-def run_once(cfg: TrainConfig, run_dir: Path, store: FeatureStore) -> dict[str, Any]:
-    """Train (or reuse) one run and return its mAP@20 (DUCH def.) per direction.
+def run_once(
+    cfg: TrainConfig, run_dir: Path, store: FeatureStore, table_only: bool = False
+) -> dict[str, Any] | None:
+    """Train (or reuse) one run and return its mAP@20 (DUCH def.) per direction; with
+    `table_only`, a run not yet recorded gives None instead of training.
 
     The record is kept in benchmarks/results/runs/ under a key of the training code's revision
     and the full config, so it is reused only for the same code and settings, and says where
@@ -74,7 +79,10 @@ def run_once(cfg: TrainConfig, run_dir: Path, store: FeatureStore) -> dict[str, 
         record["train_seconds"] = run.info["train_seconds"]
         return [record]
 
-    return recorded_run("duch", run_dir.name, cfg.to_dict(), train_and_score)[0]
+    records = recorded_run(
+        "duch", run_dir.name, cfg.to_dict(), None if table_only else train_and_score
+    )
+    return records[0] if records else None
 
 
 def base_config(features: Path, bits: int, seed: int, epochs: int) -> TrainConfig:
@@ -101,26 +109,40 @@ def with_settings(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     return cfg
 
 
-def candidates(choose: list[str]) -> list[list[str]]:
-    """Every combination of the options `FIELD=V1,V2,...` (each a list of FIELD=V)."""
+def candidates(choose: list[str], bits: int) -> list[list[str]]:
+    """Every combination of the options `[BITS:]FIELD=V1,V2,...` that apply at `bits` (each a
+    list of FIELD=V); an option with a `BITS:` prefix applies at that code length only."""
     options = []
     for spec in choose:
-        key, _, values = spec.partition("=")
+        head, colon, rest = spec.partition(":")
+        if colon and not head.isdigit():
+            raise SystemExit(f"--choose: expected [BITS:]FIELD=V1,V2,..., got {spec!r}")
+        if colon and int(head) != bits:
+            continue
+        key, _, values = (rest if colon else spec).partition("=")
         if not key or not values:
-            raise SystemExit(f"--choose: expected FIELD=V1,V2,..., got {spec!r}")
+            raise SystemExit(f"--choose: expected [BITS:]FIELD=V1,V2,..., got {spec!r}")
         options.append([f"{key}={v}" for v in values.split(",")])
     return [list(c) for c in itertools.product(*options)]
 
 
 def chosen_run(
-    base: TrainConfig, choose: list[str], name: str, runs: Path, store: FeatureStore
-) -> dict[str, Any]:
+    base: TrainConfig,
+    choose: list[str],
+    name: str,
+    runs: Path,
+    store: FeatureStore,
+    table_only: bool = False,
+) -> dict[str, Any] | None:
     """The setting with the best validation mAP@20 (I→T + T→I), each candidate fitted without
-    the validation images; then that setting trained on the whole training set, scored on test."""
+    the validation images; then that setting trained on the whole training set, scored on test.
+    With `table_only`, None unless every one of these runs is recorded."""
     validation: dict[str, list[float]] = {}
-    for assignments in candidates(choose):
+    for assignments in candidates(choose, base.bits):
         cfg = replace(with_settings(base, assignments), hold_out_validation=True)
-        rec = run_once(cfg, runs / f"{name}-val-{variant_tag(assignments)}", store)
+        rec = run_once(cfg, runs / f"{name}-val-{variant_tag(assignments)}", store, table_only)
+        if rec is None:
+            return None
         validation[" ".join(assignments)] = [
             rec["validation_i2t_map20"],
             rec["validation_t2i_map20"],
@@ -129,7 +151,8 @@ def chosen_run(
     best = max(validation, key=lambda k: sum(validation[k]))
     final = with_settings(base, best.split())
     final_name = name if final == base else f"{name}-{variant_tag(best.split())}"
-    return {**run_once(final, runs / final_name, store), "chosen": best, "validation": validation}
+    rec = run_once(final, runs / final_name, store, table_only)
+    return None if rec is None else {**rec, "chosen": best, "validation": validation}
 
 
 def variant_tag(assignments: list[str]) -> str:
@@ -170,7 +193,13 @@ def main() -> None:
         default=[],
         metavar="FIELD=V1,V2",
         help="Settings chosen per code length and seed on the validation images, e.g. "
-        "loss.alpha=0,0.01 (every combination is tried); the table reports the chosen ones.",
+        "loss.alpha=0,0.01 or 16:loss.temperature=1,2 (at 16 bits only; every combination is "
+        "tried); the table reports the chosen ones.",
+    )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="Assemble the tables from the recorded runs only; runs not recorded are left out.",
     )
     args = parser.parse_args()
     tag = variant_tag(args.set)
@@ -184,15 +213,20 @@ def main() -> None:
             cfg = with_settings(base_config(features, bits, seed, args.epochs), args.set)
             name = f"duch-b{bits}-s{seed}-e{args.epochs}" + (f"-{tag}" if tag else "")
             if args.choose:
-                rec = chosen_run(cfg, args.choose, name, runs, store)
+                rec = chosen_run(cfg, args.choose, name, runs, store, args.table_only)
             else:
-                rec = run_once(cfg, runs / name, store)
+                rec = run_once(cfg, runs / name, store, args.table_only)
+            if rec is None:
+                continue
             records.append({"bits": bits, "seed": seed, **rec})
             print(json.dumps(records[-1]), flush=True)
+    recorded = " (those recorded)" if args.table_only else ""
     paper = paper_rows()
     rows = []
     for bits in args.bits:
         sel = [r for r in records if r["bits"] == bits]
+        if not sel:
+            continue
         row = [str(bits)]
         for d in ("i2t", "t2i"):
             ours = [r[f"{d}_map20"] for r in sel]
@@ -228,7 +262,7 @@ def main() -> None:
     )
     title = (
         f"# DUCH on UCM-Captions, mAP@20 (DUCH definition), mean ± sample std over seeds "
-        f"{args.seeds}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
+        f"{args.seeds}{recorded}\n\nOurs: EfficientNet-Lite0 + all-MiniLM-L6-v2 features, "
         f"{args.epochs} epochs, {', '.join(args.set) or 'paper defaults'}{chosen}. Paper: "
         "ResNet-18 + BERT features (../shared/anchors/duch-paper-map20.csv).\n\n"
     )
@@ -245,7 +279,9 @@ def main() -> None:
             cfg = change(base_config(features, 64, seed, args.epochs))
             slug = "".join(c for c in name if c.isascii() and c.isalnum())
             tag = "duch-b64" if name == "full" else f"abl-{slug}"
-            rec = run_once(cfg, runs / f"{tag}-s{seed}-e{args.epochs}", store)
+            rec = run_once(cfg, runs / f"{tag}-s{seed}-e{args.epochs}", store, args.table_only)
+            if rec is None:
+                continue
             ablation.append({"variant": name, "bits": 64, "seed": seed, **rec})
             print(json.dumps(ablation[-1]), flush=True)
     full = {
@@ -255,6 +291,8 @@ def main() -> None:
     rows = []
     for name in args.ablations:
         sel = [r for r in ablation if r["variant"] == name]
+        if not sel:
+            continue
         row = [name]
         for d in DIRECTIONS:
             vals = [r[f"{d}_map20"] for r in sel]
@@ -262,7 +300,7 @@ def main() -> None:
         rows.append(row)
     title = (
         f"# DUCH ablation at 64 bits on UCM, mAP@20 (DUCH def.), mean ± sample std over seeds "
-        f"{args.ablation_seeds}; in brackets: change against the full method\n\n"
+        f"{args.ablation_seeds}{recorded}; in brackets: change against the full method\n\n"
     )
     write_results(
         "duch_ablation",
