@@ -7,7 +7,9 @@ For each noise probability p and seed, on the same noisy pairs:
   mAP@20 (I→T + T→I) then trains on the whole training set and is scored on the test queries;
 - DUCH trained on every noisy pair (the protected clean fraction is not used), 100 epochs;
 - clean-subset-free CHNR (`self` weights: a short warm-up on every pair, then mixture-posterior
-  weights refreshed every epoch, as many epochs in all as CHNR);
+  weights refreshed every epoch, as many epochs in all as CHNR); its warm-up and momentum are
+  chosen once, on the validation images at p = 0.2, seed 0 (group `free-val`: every setting of
+  FREE_WARMUPS × FREE_MOMENTA), and used unless --free-warmup / --free-momentum say otherwise;
 - the noise-unaware DJSRH and JDSH baselines with the clean table's settings (`rshash train`
   defaults: Adam 1e-3, DJSRH λ = 1, JDSH λ = 0.1), 100 epochs.
 Seed s uses the split of seed 42 + s. Noise AUC/AP: of the applied pair weights against the
@@ -16,7 +18,7 @@ Each finished (p, seed, group) is recorded in benchmarks/results/runs/chnr/ unde
 training code's revision and the settings (committed), so an interrupted sweep resumes, in a later
 session too, and a code change re-runs.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
-       [--groups chnr duch free baselines]
+       [--groups chnr duch free baselines free-val]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import itertools
 import json
 import tempfile
 from collections.abc import Callable
@@ -48,6 +51,11 @@ from rshash.training.reconstruction import ReconstructionTrainer
 from rshash.training.run import build_trainer, load_or_make_split
 
 CHOICES = ("soft", "cubed", "discrete")
+# Clean-free settings tried on the validation images (group `free-val`), once, at this
+# (p, seed): chosen there, they hold at every p.
+FREE_WARMUPS = (10, 25)
+FREE_MOMENTA = (0.5, 0.8)
+FREE_CHOICE_AT = (0.2, 0)
 WEIGHTINGS = (*CHOICES, "ones")
 PAPER_NAMES = {"soft": "DUCH-NR-NW", "cubed": "DUCH-NR-EW", "discrete": "DUCH-NR-DW"}
 
@@ -151,21 +159,34 @@ def run_duch(store: FeatureStore, p: float, seed: int) -> list[dict]:
     ]
 
 
-def run_free(store: FeatureStore, p: float, seed: int, warmup: int, total: int) -> list[dict]:
-    """Clean-subset-free CHNR (`self` weights) on the noisy pairs of noise p and one seed."""
-    cfg = chnr_config(store, p, seed, warmup, total, weighting="self")
+def run_free(
+    store: FeatureStore,
+    p: float,
+    seed: int,
+    warmup: int,
+    total: int,
+    momentum: float,
+    validation: bool = False,
+) -> list[dict]:
+    """Clean-subset-free CHNR (`self` weights) on the noisy pairs of noise p and one seed;
+    with `validation`, fitted without the validation images and scored on them."""
+    cfg = chnr_config(store, p, seed, warmup, total, weighting="self", self_momentum=momentum)
+    cfg = replace(cfg, hold_out_validation=validation)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         split = load_or_make_split(work, store, cfg)
+        scored = split.validation_view() if validation else split
         free = build_trainer(cfg, store, split, work)
         assert isinstance(free, CHNRTrainer) and free.noisy is not None
         curve = [free.run_epoch(epoch).get("noise_auc") for epoch in range(total)]
         print(f"p={p} seed={seed} self-weight AUC by epoch: {curve[warmup::10]}", flush=True)
         record = {
-            "method": "chnr-free",
+            "method": "chnr-free-val" if validation else "chnr-free",
             "weighting": "self",
+            "warmup": warmup,
+            "momentum": momentum,
             **_detection(free),
-            **map20(free, store, split),
+            **map20(free, store, scored),
         }
         return [{"p": p, "effective_noise": float(free.noisy.mean()), "seed": seed, **record}]
 
@@ -215,34 +236,58 @@ def main() -> None:
     parser.add_argument("--meta-epochs", type=int, default=75)
     parser.add_argument("--main-epochs", type=int, default=75)
     parser.add_argument(
-        "--free-warmup", type=int, default=10, help="Warm-up epochs of clean-free CHNR."
+        "--free-warmup",
+        type=int,
+        help="Warm-up epochs of clean-free CHNR (default: chosen on validation, see --groups).",
+    )
+    parser.add_argument(
+        "--free-momentum",
+        type=float,
+        help="Weight momentum of clean-free CHNR (default: chosen on validation).",
     )
     parser.add_argument(
         "--groups",
         nargs="+",
         default=["chnr", "duch", "free", "baselines"],
-        help="What to train (in this order) for each p and seed.",
+        help="What to train (in this order) for each p and seed; `free-val`: clean-free CHNR "
+        "with each warm-up × momentum of FREE_WARMUPS × FREE_MOMENTA at FREE_CHOICE_AT, scored "
+        "on the validation images (first, once).",
     )
     parser.add_argument(
         "--table-only", action="store_true", help="Assemble the table from cached records."
     )
     args = parser.parse_args()
     store = FeatureStore.open(ucm_features())
-    meta, main_, warmup = args.meta_epochs, args.main_epochs, args.free_warmup
+    meta, main_ = args.meta_epochs, args.main_epochs
     total = meta + main_
-    runners: dict[str, tuple[dict[str, int], Callable[[float, int], list[dict]]]] = {
+    # Clean-free CHNR's settings: each warm-up × momentum fitted without the validation images
+    # at FREE_CHOICE_AT and scored on them (trained with `--groups free-val`, else only read).
+    records: list[dict] = []
+    p0, s0 = FREE_CHOICE_AT
+    for w, m in itertools.product(FREE_WARMUPS, FREE_MOMENTA):
+        config = {"group": "free-val", "p": p0, "seed": s0, "warmup": w, "total": total}
+        config["momentum"] = m
+        wanted = "free-val" in args.groups and not args.table_only
+        train = partial(run_free, store, p0, s0, w, total, m, True) if wanted else None
+        records += recorded_run("chnr", f"p{p0}-s{s0}-free-val-w{w}-m{m:g}", config, train)
+    best = max(records, key=lambda r: r["i2t_map20"] + r["t2i_map20"], default=None)
+    if args.free_warmup is None:
+        args.free_warmup = best["warmup"] if best else FREE_WARMUPS[0]
+    if args.free_momentum is None:
+        args.free_momentum = best["momentum"] if best else FREE_MOMENTA[0]
+    warmup, momentum = args.free_warmup, args.free_momentum
+    runners: dict[str, tuple[dict[str, Any], Callable[[float, int], list[dict]]]] = {
         "chnr": ({"meta": meta, "main": main_}, lambda p, s: run_chnr(store, p, s, meta, main_)),
         "duch": ({"epochs": 100}, lambda p, s: run_duch(store, p, s)),
         "free": (
-            {"warmup": warmup, "total": total},
-            lambda p, s: run_free(store, p, s, warmup, total),
+            {"warmup": warmup, "total": total, "momentum": momentum},
+            lambda p, s: run_free(store, p, s, warmup, total, momentum),
         ),
         "baselines": ({"epochs": 100}, lambda p, s: run_baselines(store, p, s)),
     }
-    records: list[dict] = []
     for p in args.p:
         for seed in args.seeds:
-            for group in args.groups:
+            for group in (g for g in args.groups if g != "free-val"):
                 settings, runner = runners[group]
                 config = {"group": group, "p": p, "seed": seed, **settings}
                 train = None if args.table_only else partial(runner, p, seed)
@@ -257,6 +302,8 @@ def write_table(records: list[dict], args: argparse.Namespace) -> None:
     paper = paper_table()
     rows = []
     names = {"duch": "DUCH", "chnr-free": "CHNR-free (self)", "djsrh": "DJSRH", "jdsh": "JDSH"}
+    chosen_free = [r for r in records if r["method"] == "chnr-free-val"]
+    records = [r for r in records if r["method"] != "chnr-free-val"]
     for p in sorted({r["p"] for r in records}):
         sel = [r for r in records if r["p"] == p]
         eff = np.mean([r["effective_noise"] for r in sel])
@@ -300,8 +347,9 @@ def write_table(records: list[dict], args: argparse.Namespace) -> None:
         "validation images (a seeded 10 % of the training images, held out while choosing; "
         "`ones` shown as an ablation), then trained on the whole training set and scored once "
         "on the test queries. DUCH 100 epochs on the same noisy pairs; clean-free CHNR: "
-        f"{args.free_warmup} warm-up + {total - args.free_warmup} weighted epochs (its settings "
-        "date from before the validation split: not re-chosen on it); DJSRH, JDSH: 100 epochs, "
+        f"{args.free_warmup} warm-up + {total - args.free_warmup} weighted epochs, weight "
+        f"momentum {args.free_momentum:g} ({_free_choice(chosen_free, args)}); DJSRH, JDSH: "
+        "100 epochs, "
         "the clean table's settings (Adam 1e-3, λ = 1 DJSRH / 0.1 JDSH). Paper: ResNet-18 + "
         "BERT, ../shared/anchors/chnr-paper-ucm-64bit-map20.csv (soft = DUCH-NR-NW, "
         "cubed = DUCH-NR-EW, discrete = DUCH-NR-DW; paper best: the best of the three). "
@@ -310,6 +358,23 @@ def write_table(records: list[dict], args: argparse.Namespace) -> None:
         "is left out).\n\n"
     )
     write_results("chnr_ucm", records, title + markdown_table(header, rows), trained_on=records)
+
+
+def _free_choice(records: list[dict], args: argparse.Namespace) -> str:
+    """Where the clean-free settings come from: the `free-val` records, if any."""
+    if not records:
+        return "not chosen on validation"
+    tried = "; ".join(
+        f"p {r['p']:g} seed {r['seed']} warm-up {r['warmup']} momentum {r['momentum']:g}: "
+        f"{r['i2t_map20']:.3f} / {r['t2i_map20']:.3f} (AUC {r['noise_auc']:.3f})"
+        for r in records
+    )
+    best = max(records, key=lambda r: r["i2t_map20"] + r["t2i_map20"])
+    used = best["warmup"] == args.free_warmup and best["momentum"] == args.free_momentum
+    return (
+        f"validation I→T / T→I of each setting tried: {tried}; best: warm-up {best['warmup']}, "
+        f"momentum {best['momentum']:g}" + ("" if used else " — NOT the settings used here")
+    )
 
 
 def _validation_cell(records: list[dict]) -> str:
