@@ -126,17 +126,17 @@ def candidates(choose: list[str], bits: int) -> list[list[str]]:
     return [list(c) for c in itertools.product(*options)]
 
 
-def chosen_run(
+def choose_on_validation(
     base: TrainConfig,
     choose: list[str],
     name: str,
     runs: Path,
     store: FeatureStore,
     table_only: bool = False,
-) -> dict[str, Any] | None:
-    """The setting with the best validation mAP@20 (I→T + T→I), each candidate fitted without
-    the validation images; then that setting trained on the whole training set, scored on test.
-    With `table_only`, None unless every one of these runs is recorded."""
+) -> tuple[str, dict[str, list[float]]] | None:
+    """The candidate (space-separated FIELD=V) with the best validation mAP@20 (I→T + T→I),
+    each fitted without the validation images, and every candidate's validation figures.
+    With `table_only`, None unless every candidate's run is recorded."""
     validation: dict[str, list[float]] = {}
     for assignments in candidates(choose, base.bits):
         cfg = replace(with_settings(base, assignments), hold_out_validation=True)
@@ -148,11 +148,39 @@ def chosen_run(
             rec["validation_t2i_map20"],
         ]
         print(f"{name} validation {assignments}: {validation[' '.join(assignments)]}", flush=True)
-    best = max(validation, key=lambda k: sum(validation[k]))
+    return max(validation, key=lambda k: sum(validation[k])), validation
+
+
+def chosen_run(
+    base: TrainConfig,
+    choose: list[str],
+    name: str,
+    runs: Path,
+    store: FeatureStore,
+    table_only: bool = False,
+) -> dict[str, Any] | None:
+    """The setting chosen on validation (`choose_on_validation`), trained on the whole training
+    set and scored on the test queries. With `table_only`, None unless all is recorded."""
+    got = choose_on_validation(base, choose, name, runs, store, table_only)
+    if got is None:
+        return None
+    best, validation = got
+    rec = final_run(base, best, name, runs, store, table_only)
+    return None if rec is None else {**rec, "chosen": best, "validation": validation}
+
+
+def final_run(
+    base: TrainConfig,
+    best: str,
+    name: str,
+    runs: Path,
+    store: FeatureStore,
+    table_only: bool = False,
+) -> dict[str, Any] | None:
+    """`base` with the chosen assignments `best`, on the whole training set, scored on test."""
     final = with_settings(base, best.split())
     final_name = name if final == base else f"{name}-{variant_tag(best.split())}"
-    rec = run_once(final, runs / final_name, store, table_only)
-    return None if rec is None else {**rec, "chosen": best, "validation": validation}
+    return run_once(final, runs / final_name, store, table_only)
 
 
 def variant_tag(assignments: list[str]) -> str:
