@@ -9,7 +9,8 @@ For each noise probability p and seed, on the same noisy pairs:
 - clean-subset-free CHNR (`self` weights: a short warm-up on every pair, then mixture-posterior
   weights refreshed every epoch, as many epochs in all as CHNR); its warm-up and momentum are
   chosen once, on the validation images at p = 0.2, seed 0 (group `free-val`: every setting of
-  FREE_WARMUPS × FREE_MOMENTA), and used unless --free-warmup / --free-momentum say otherwise;
+  FREE_WARMUPS × FREE_MOMENTA), and used unless --free-warmup / --free-momentum say otherwise
+  (the noise detector's weight decay is checked the same way: group `wd-val`);
 - the noise-unaware DJSRH and JDSH baselines with the clean table's settings (`rshash train`
   defaults: Adam 1e-3, DJSRH λ = 1, JDSH λ = 0.1), 100 epochs.
 Seed s uses the split of seed 42 + s. Noise AUC/AP: of the applied pair weights against the
@@ -18,7 +19,7 @@ Each finished (p, seed, group) is recorded in benchmarks/results/runs/chnr/ unde
 training code's revision and the settings (committed), so an interrupted sweep resumes, in a later
 session too, and a code change re-runs.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
-       [--groups chnr duch free baselines free-val]
+       [--groups chnr duch free baselines free-val wd-val]
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ from rshash.training.reconstruction import ReconstructionTrainer
 from rshash.training.run import build_trainer, load_or_make_split
 
 CHOICES = ("soft", "cubed", "discrete")
-# Clean-free settings tried on the validation images (group `free-val`), once, at this
-# (p, seed): chosen there, they hold at every p.
+# Settings held fixed across p are chosen once, on the validation images at this (p, seed):
+# clean-free CHNR's warm-up and momentum (group `free-val`), and the noise detector's AdamW
+# weight decay (group `wd-val`: the authors' 1e-3, the default, against torch's 1e-2).
+CHOICE_AT = (0.2, 0)
 FREE_WARMUPS = (10, 25)
 FREE_MOMENTA = (0.5, 0.8)
-FREE_CHOICE_AT = (0.2, 0)
+OTHER_WEIGHT_DECAY = 1e-2
 WEIGHTINGS = (*CHOICES, "ones")
 PAPER_NAMES = {"soft": "DUCH-NR-NW", "cubed": "DUCH-NR-EW", "discrete": "DUCH-NR-DW"}
 
@@ -92,9 +95,12 @@ def _detection(trainer: CHNRTrainer) -> dict[str, Any]:
     }
 
 
-def run_chnr(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
-    """CHNR with the weighting chosen on validation, scored once on the test queries."""
-    held = replace(chnr_config(store, p, seed, meta, meta + main), hold_out_validation=True)
+def chnr_validation(
+    store: FeatureStore, p: float, seed: int, meta: int, main: int, **chnr: Any
+) -> dict[str, dict[str, Any]]:
+    """Validation mAP@20 and noise AUC of CHNR with each weighting: phase 1 runs once without
+    the validation images and is continued with each weighting."""
+    held = replace(chnr_config(store, p, seed, meta, meta + main, **chnr), hold_out_validation=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         split = load_or_make_split(work, store, held)
@@ -113,8 +119,21 @@ def run_chnr(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> 
                 trainer.run_epoch(epoch)
             validation[weighting] = {**map20(trainer, store, view), **_detection(trainer)}
             print(f"p={p} seed={seed} validation {weighting}: {validation[weighting]}", flush=True)
-        chosen = max(CHOICES, key=lambda w: validation[w]["i2t_map20"] + validation[w]["t2i_map20"])
+    return validation
+
+
+def best_weighting(validation: dict[str, dict[str, Any]]) -> str:
+    return max(CHOICES, key=lambda w: validation[w]["i2t_map20"] + validation[w]["t2i_map20"])
+
+
+def run_chnr(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
+    """CHNR with the weighting chosen on validation, scored once on the test queries."""
+    validation = chnr_validation(store, p, seed, meta, main)
+    chosen = best_weighting(validation)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         cfg = chnr_config(store, p, seed, meta, meta + main, weighting=chosen)
+        split = load_or_make_split(work, store, cfg)
         final = build_trainer(cfg, store, split, work / "final")
         assert isinstance(final, CHNRTrainer) and final.noisy is not None
         for epoch in range(meta + main):
@@ -250,8 +269,9 @@ def main() -> None:
         nargs="+",
         default=["chnr", "duch", "free", "baselines"],
         help="What to train (in this order) for each p and seed; `free-val`: clean-free CHNR "
-        "with each warm-up × momentum of FREE_WARMUPS × FREE_MOMENTA at FREE_CHOICE_AT, scored "
-        "on the validation images (first, once).",
+        "with each warm-up × momentum of FREE_WARMUPS × FREE_MOMENTA at CHOICE_AT, scored "
+        "on the validation images (first, once); `wd-val`: CHNR's validation figures with "
+        "the detector's weight decay OTHER_WEIGHT_DECAY at CHOICE_AT (once).",
     )
     parser.add_argument(
         "--table-only", action="store_true", help="Assemble the table from cached records."
@@ -261,15 +281,20 @@ def main() -> None:
     meta, main_ = args.meta_epochs, args.main_epochs
     total = meta + main_
     # Clean-free CHNR's settings: each warm-up × momentum fitted without the validation images
-    # at FREE_CHOICE_AT and scored on them (trained with `--groups free-val`, else only read).
+    # at CHOICE_AT and scored on them (trained with `--groups free-val`, else only read).
     records: list[dict] = []
-    p0, s0 = FREE_CHOICE_AT
+    p0, s0 = CHOICE_AT
     for w, m in itertools.product(FREE_WARMUPS, FREE_MOMENTA):
         config = {"group": "free-val", "p": p0, "seed": s0, "warmup": w, "total": total}
         config["momentum"] = m
         wanted = "free-val" in args.groups and not args.table_only
         train = partial(run_free, store, p0, s0, w, total, m, True) if wanted else None
         records += recorded_run("chnr", f"p{p0}-s{s0}-free-val-w{w}-m{m:g}", config, train)
+    wanted = "wd-val" in args.groups and not args.table_only
+    config = {"group": "wd-val", "p": p0, "seed": s0, "meta": meta, "main": main_}
+    config["detector_weight_decay"] = OTHER_WEIGHT_DECAY
+    train = partial(run_weight_decay, store, p0, s0, meta, main_) if wanted else None
+    weight_decay = recorded_run("chnr", f"p{p0}-s{s0}-wd-val", config, train)
     best = max(records, key=lambda r: r["i2t_map20"] + r["t2i_map20"], default=None)
     if args.free_warmup is None:
         args.free_warmup = best["warmup"] if best else FREE_WARMUPS[0]
@@ -287,7 +312,7 @@ def main() -> None:
     }
     for p in args.p:
         for seed in args.seeds:
-            for group in (g for g in args.groups if g != "free-val"):
+            for group in (g for g in args.groups if g not in ("free-val", "wd-val")):
                 settings, runner = runners[group]
                 config = {"group": group, "p": p, "seed": seed, **settings}
                 train = None if args.table_only else partial(runner, p, seed)
@@ -295,10 +320,47 @@ def main() -> None:
                 records += got
                 for r in got:
                     print(json.dumps({k: v for k, v in r.items() if k != "validation"}), flush=True)
-    write_table(records, args)
+    write_table(records, args, weight_decay)
 
 
-def write_table(records: list[dict], args: argparse.Namespace) -> None:
+def run_weight_decay(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
+    """CHNR's validation figures with the detector's weight decay OTHER_WEIGHT_DECAY."""
+    validation = chnr_validation(
+        store, p, seed, meta, main, detector_weight_decay=OTHER_WEIGHT_DECAY
+    )
+    return [
+        {
+            "p": p,
+            "seed": seed,
+            "detector_weight_decay": OTHER_WEIGHT_DECAY,
+            "validation": validation,
+        }
+    ]
+
+
+def _weight_decay_choice(records: list[dict], other: list[dict]) -> str:
+    """The detector's weight decay on validation at CHOICE_AT: the default's figures come from
+    that (p, seed)'s CHNR record, the other's from the `wd-val` record."""
+    p0, s0 = CHOICE_AT
+    default = [r for r in records if r["method"] == "chnr" and (r["p"], r["seed"]) == (p0, s0)]
+    if not default or not other:
+        return "the detector's weight decay: 1e-3 (the authors'), not chosen on validation"
+    figures = {
+        f"{CHNRConfig().detector_weight_decay:g}": default[0]["validation"],
+        f"{OTHER_WEIGHT_DECAY:g}": other[0]["validation"],
+    }
+    best = {k: v[best_weighting(v)] for k, v in figures.items()}
+    tried = "; ".join(f"{k}: {v['i2t_map20']:.3f} / {v['t2i_map20']:.3f}" for k, v in best.items())
+    chosen = max(best, key=lambda k: best[k]["i2t_map20"] + best[k]["t2i_map20"])
+    used = chosen == f"{CHNRConfig().detector_weight_decay:g}"
+    return (
+        f"the detector's AdamW weight decay chosen on validation at p = {p0:g}, seed {s0} "
+        f"(best weighting's I→T / T→I per value: {tried}): {chosen}"
+        + ("" if used else " — NOT the value used here")
+    )
+
+
+def write_table(records: list[dict], args: argparse.Namespace, weight_decay: list[dict]) -> None:
     paper = paper_table()
     rows = []
     names = {"duch": "DUCH", "chnr-free": "CHNR-free (self)", "djsrh": "DJSRH", "jdsh": "JDSH"}
@@ -348,7 +410,8 @@ def write_table(records: list[dict], args: argparse.Namespace) -> None:
         "`ones` shown as an ablation), then trained on the whole training set and scored once "
         "on the test queries. DUCH 100 epochs on the same noisy pairs; clean-free CHNR: "
         f"{args.free_warmup} warm-up + {total - args.free_warmup} weighted epochs, weight "
-        f"momentum {args.free_momentum:g} ({_free_choice(chosen_free, args)}); DJSRH, JDSH: "
+        f"momentum {args.free_momentum:g} ({_free_choice(chosen_free, args)}); "
+        f"{_weight_decay_choice(records, weight_decay)}; DJSRH, JDSH: "
         "100 epochs, "
         "the clean table's settings (Adam 1e-3, λ = 1 DJSRH / 0.1 JDSH). Paper: ResNet-18 + "
         "BERT, ../shared/anchors/chnr-paper-ucm-64bit-map20.csv (soft = DUCH-NR-NW, "
