@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from benchmarks.common import CACHE, markdown_table, write_results
 from benchmarks.duch_ucm import (
@@ -32,6 +33,28 @@ from rshash.training.config import Method, default_lr
 # Settings of both baselines chosen on the validation images (the learning rate: DUCH's 1e-4 or
 # 1e-3; λ of the intra-modal terms: the papers' 0.1 or 1).
 CHOICES = ("optim.lr=0.0001,0.001", "baseline.intra_weight=0.1,1")
+
+
+def baseline_config(
+    features: Path, method: Method, bits: int, seed: int, epochs: int, assignments: list[str]
+) -> TrainConfig:
+    """`method` at `bits` and `seed` with its default learning rate, then `assignments`."""
+    cfg = replace(base_config(features, bits, seed, epochs), method=method)
+    cfg = replace(cfg, optim=replace(cfg.optim, lr=default_lr(cfg.method)))
+    return with_settings(cfg, assignments)
+
+
+def run_name(cfg: TrainConfig, tag: str = "") -> str:
+    name = f"{cfg.method}-b{cfg.bits}-s{cfg.seed}-e{cfg.optim.epochs}-lr{cfg.optim.lr:g}"
+    return name + (f"-{tag}" if tag else "")
+
+
+def clean_choice(store: FeatureStore, method: Method, seed: int = 0, bits: int = 64) -> str | None:
+    """The clean table's settings of `method` (space-separated FIELD=V): those CHOICES chose on
+    the validation images at `bits` and `seed`, 100 epochs; None while not all recorded."""
+    at = baseline_config(store.path, method, bits, seed, 100, [])
+    got = choose_on_validation(at, list(CHOICES), run_name(at), CACHE / "runs", store, True)
+    return None if got is None else got[0]
 
 
 def main() -> None:
@@ -64,14 +87,10 @@ def main() -> None:
     runs = CACHE / "runs"
 
     def config(method: Method, bits: int, seed: int) -> TrainConfig:
-        cfg = replace(base_config(features, bits, seed, args.epochs), method=method)
-        cfg = replace(cfg, optim=replace(cfg.optim, lr=default_lr(cfg.method)))
-        return with_settings(cfg, args.set)
+        return baseline_config(features, method, bits, seed, args.epochs, args.set)
 
     def name(cfg: TrainConfig) -> str:
-        return f"{cfg.method}-b{cfg.bits}-s{cfg.seed}-e{args.epochs}-lr{cfg.optim.lr:g}" + (
-            f"-{tag}" if tag else ""
-        )
+        return run_name(cfg, tag)
 
     records = []
     for method in args.methods:

@@ -39,19 +39,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.baselines_ucm import clean_choice
 from benchmarks.common import ANCHORS, markdown_table, recorded_run, write_results
-from benchmarks.duch_ucm import mean_std, ucm_features
+from benchmarks.duch_ucm import mean_std, ucm_features, with_settings
 from rshash.data.splits import Split
 from rshash.evaluation.protocol import score_directions
 from rshash.features import FeatureStore
 from rshash.training import CHNRConfig, OptimConfig, TrainConfig
 from rshash.training.chnr import CHNRTrainer, noise_detection_scores
-from rshash.training.config import default_lr
+from rshash.training.config import Method, default_lr
 from rshash.training.duch import DUCHTrainer
 from rshash.training.reconstruction import ReconstructionTrainer
 from rshash.training.run import build_trainer, load_or_make_split
 
 CHOICES = ("soft", "cubed", "discrete")
+BASELINES: tuple[Method, ...] = ("djsrh", "jdsh")
 # Settings held fixed across p are chosen once, on the validation images at this (p, seed):
 # clean-free CHNR's warm-up and momentum (group `free-val`), and the noise detector's AdamW
 # weight decay (group `wd-val`: the authors' 1e-3, the default, against torch's 1e-2).
@@ -210,13 +212,17 @@ def run_free(
         return [{"p": p, "effective_noise": float(free.noisy.mean()), "seed": seed, **record}]
 
 
-def run_baselines(store: FeatureStore, p: float, seed: int) -> list[dict]:
-    """DJSRH and JDSH (100 epochs) on the same noisy pairs with the clean table's settings."""
+def run_baselines(
+    store: FeatureStore, p: float, seed: int, settings: dict[Method, str]
+) -> list[dict]:
+    """DJSRH and JDSH (100 epochs) on the same noisy pairs with the clean table's settings
+    (`settings`: space-separated FIELD=V per method, on top of the defaults)."""
     noisy, split = noisy_pairs(store, p, seed)
     records = []
-    for method in ("djsrh", "jdsh"):
+    for method in BASELINES:
         lr = default_lr(method)
         cfg = replace(noisy.cfg, method=method, optim=replace(noisy.cfg.optim, epochs=100, lr=lr))
+        cfg = with_settings(cfg, settings.get(method, "").split())
         baseline = ReconstructionTrainer(cfg, noisy.pairs, noisy.device)
         for epoch in range(100):
             baseline.run_epoch(epoch)
@@ -227,6 +233,7 @@ def run_baselines(store: FeatureStore, p: float, seed: int) -> list[dict]:
                 "seed": seed,
                 "method": method,
                 "weighting": None,
+                "settings": settings.get(method, ""),
                 "noise_auc": None,
                 **map20(baseline, store, split),
             }
@@ -301,6 +308,10 @@ def main() -> None:
     if args.free_momentum is None:
         args.free_momentum = best["momentum"] if best else FREE_MOMENTA[0]
     warmup, momentum = args.free_warmup, args.free_momentum
+    # The clean table's settings of the baselines (chosen on validation at 64 bits, seed 0),
+    # once all of that choice is recorded; the defaults before.
+    chosen = {m: clean_choice(store, m) for m in BASELINES}
+    baseline_settings = {m: c for m, c in chosen.items() if c} if all(chosen.values()) else {}
     runners: dict[str, tuple[dict[str, Any], Callable[[float, int], list[dict]]]] = {
         "chnr": ({"meta": meta, "main": main_}, lambda p, s: run_chnr(store, p, s, meta, main_)),
         "duch": ({"epochs": 100}, lambda p, s: run_duch(store, p, s)),
@@ -308,7 +319,10 @@ def main() -> None:
             {"warmup": warmup, "total": total, "momentum": momentum},
             lambda p, s: run_free(store, p, s, warmup, total, momentum),
         ),
-        "baselines": ({"epochs": 100}, lambda p, s: run_baselines(store, p, s)),
+        "baselines": (
+            {"epochs": 100, **({"settings": baseline_settings} if baseline_settings else {})},
+            lambda p, s: run_baselines(store, p, s, baseline_settings),
+        ),
     }
     for p in args.p:
         for seed in args.seeds:
@@ -358,6 +372,22 @@ def _weight_decay_choice(records: list[dict], other: list[dict]) -> str:
         f"the detector's AdamW weight decay checked on validation at p = {p0:g}, seed {s0} "
         f"(I→T / T→I of the chosen weighting per value: {tried}; {chosen} ahead by {gap:.4f} "
         "in I→T + T→I)"
+    )
+
+
+def _baseline_settings(records: list[dict]) -> str:
+    """The settings the noisy baselines' records trained with."""
+    rows = [r for r in records if r["method"] in BASELINES]
+    used = sorted({f"{r['method'].upper()}: {r['settings']}" for r in rows if r.get("settings")})
+    defaults = "the defaults (Adam 1e-3, λ = 1 DJSRH / 0.1 JDSH), not chosen on validation"
+    if not used:
+        return defaults
+    mixed = f"; some runs: {defaults}" if any(not r.get("settings") for r in rows) else ""
+    return (
+        "the clean table's settings, chosen on validation at 64 bits, seed 0 ("
+        + "; ".join(used)
+        + ")"
+        + mixed
     )
 
 
@@ -413,8 +443,7 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
         f"{args.free_warmup} warm-up + {total - args.free_warmup} weighted epochs, weight "
         f"momentum {args.free_momentum:g} ({_free_choice(chosen_free, args)}); "
         f"{_weight_decay_choice(records, weight_decay)}; DJSRH, JDSH: "
-        "100 epochs, "
-        "the clean table's settings (Adam 1e-3, λ = 1 DJSRH / 0.1 JDSH). Paper: ResNet-18 + "
+        f"100 epochs, {_baseline_settings(records)}. Paper: ResNet-18 + "
         "BERT, ../shared/anchors/chnr-paper-ucm-64bit-map20.csv (soft = DUCH-NR-NW, "
         "cubed = DUCH-NR-EW, discrete = DUCH-NR-DW; paper best: the best of the three). "
         "Noise AUC: ROC-AUC of the applied pair weights against the true noise flags over "

@@ -75,36 +75,36 @@ def noise_sweep() -> None:
 
 
 def bits_sweep() -> None:
-    """DUCH and the baselines by code length (code before issue 16, 3 seeds), with the fixed
-    code's DUCH points (`duch_ucm.json`) where they exist."""
+    """DUCH and the baselines by code length with the fixed code (settings chosen on
+    validation), the published rows, and the DUCH line from before issue 16 for comparison."""
     old = json.loads((RESULTS / "duch_ucm-old-code.json").read_text())
-    base = json.loads((RESULTS / "baselines_ucm.json").read_text())
     fixed = json.loads((RESULTS / "duch_ucm.json").read_text())
-    records = [{**r, "method": "duch"} for r in old] + base
+    base = json.loads((RESULTS / "baselines_ucm.json").read_text())
+    records = [{**r, "method": "duch"} for r in fixed] + base
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (d, title) in zip(axes, DIRECTIONS.items(), strict=True):
         series = _series(records, lambda r: str(r["method"]).upper(), "bits", d)
         for name, (xs, mean, std) in series.items():
             line = ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=f"{name} (ours)")
             ref = paper_rows(name)
+            bits = sorted(b for (direction, b) in ref if direction == d)
             ax.plot(
-                xs,
-                [ref[(d, int(b))] for b in xs],
+                bits,
+                [ref[(d, b)] for b in bits],
                 linestyle=":",
                 marker="x",
                 color=line[0].get_color(),
                 label=f"{name} (paper)",
             )
-        for _, (xs, mean, std) in _series(fixed, lambda r: "DUCH", "bits", d).items():
+        for _, (xs, mean, std) in _series(old, lambda r: "DUCH", "bits", d).items():
             ax.errorbar(
                 xs,
                 mean,
                 yerr=std,
-                marker="*",
-                markersize=10,
-                linestyle="none",
-                color="k",
-                label="DUCH, fixed code (α chosen on validation)",
+                linestyle="--",
+                color="0.6",
+                capsize=2,
+                label="DUCH before issue 16 (3 seeds)",
             )
         ax.set(title=f"UCM, clean, {title}", xlabel="code length (bits)")
         ax.set_xscale("log", base=2)
