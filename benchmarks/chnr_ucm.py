@@ -11,6 +11,9 @@ For each noise probability p and seed, on the same noisy pairs:
   chosen once, on the validation images at p = 0.2, seed 0 (group `free-val`: every setting of
   FREE_WARMUPS × FREE_MOMENTA), and used unless --free-warmup / --free-momentum say otherwise
   (the noise detector's weight decay is checked the same way: group `wd-val`);
+- CHNR's schedule with the true noise flags as pair weights (group `oracle`, not run by
+  default): what a perfect detector reaches, so the gap to clean data splits into what detection
+  misses and what losing the wrong pairs' supervision costs;
 - the noise-unaware DJSRH and JDSH baselines with the clean table's settings (`rshash train`
   defaults: Adam 1e-3, DJSRH λ = 1, JDSH λ = 0.1), 100 epochs.
 Seed s uses the split of seed 42 + s. Noise AUC/AP: of the applied pair weights against the
@@ -19,7 +22,7 @@ Each finished (p, seed, group) is recorded in benchmarks/results/runs/chnr/ unde
 training code's revision and the settings (committed), so an interrupted sweep resumes, in a later
 session too, and a code change re-runs.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
-       [--groups chnr duch free baselines free-val wd-val]
+       [--groups chnr duch free baselines oracle free-val wd-val]
 """
 
 from __future__ import annotations
@@ -180,6 +183,22 @@ def run_duch(store: FeatureStore, p: float, seed: int) -> list[dict]:
     ]
 
 
+def run_oracle(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
+    """CHNR's schedule (phase 1 on the clean subset, then every pair weighted) with the true
+    flags as weights: 0 for a wrong pair, 1 otherwise; the bound on what detection recovers."""
+    cfg = chnr_config(store, p, seed, meta, meta + main, weighting="discrete")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        split = load_or_make_split(work, store, cfg)
+        oracle = build_trainer(cfg, store, split, work)
+        assert isinstance(oracle, CHNRTrainer) and oracle.noisy is not None
+        oracle.weights = torch.from_numpy((~oracle.noisy).astype(np.float32)).to(oracle.device)
+        for epoch in range(meta + main):
+            oracle.run_epoch(epoch)
+        record = {"method": "chnr-oracle", "weighting": "true flags", **map20(oracle, store, split)}
+        return [{"p": p, "effective_noise": float(oracle.noisy.mean()), "seed": seed, **record}]
+
+
 def run_free(
     store: FeatureStore,
     p: float,
@@ -319,6 +338,10 @@ def main() -> None:
             {"warmup": warmup, "total": total, "momentum": momentum},
             lambda p, s: run_free(store, p, s, warmup, total, momentum),
         ),
+        "oracle": (
+            {"meta": meta, "main": main_},
+            lambda p, s: run_oracle(store, p, s, meta, main_),
+        ),
         "baselines": (
             {"epochs": 100, **({"settings": baseline_settings} if baseline_settings else {})},
             lambda p, s: run_baselines(store, p, s, baseline_settings),
@@ -394,13 +417,19 @@ def _baseline_settings(records: list[dict]) -> str:
 def write_table(records: list[dict], args: argparse.Namespace, weight_decay: list[dict]) -> None:
     paper = paper_table()
     rows = []
-    names = {"duch": "DUCH", "chnr-free": "CHNR-free (self)", "djsrh": "DJSRH", "jdsh": "JDSH"}
+    names = {
+        "duch": "DUCH",
+        "chnr-free": "CHNR-free (self)",
+        "chnr-oracle": "CHNR, true flags as weights (bound)",
+        "djsrh": "DJSRH",
+        "jdsh": "JDSH",
+    }
     chosen_free = [r for r in records if r["method"] == "chnr-free-val"]
     records = [r for r in records if r["method"] != "chnr-free-val"]
     for p in sorted({r["p"] for r in records}):
         sel = [r for r in records if r["p"] == p]
         eff = np.mean([r["effective_noise"] for r in sel])
-        for method in ("duch", "chnr", "chnr-free", "djsrh", "jdsh"):
+        for method in ("duch", "chnr", "chnr-oracle", "chnr-free", "djsrh", "jdsh"):
             rs = [r for r in sel if r["method"] == method]
             if not rs:
                 continue
