@@ -11,6 +11,10 @@ For each noise probability p and seed, on the same noisy pairs:
   chosen once, on the validation images at p = 0.2, seed 0 (group `free-val`: every setting of
   FREE_WARMUPS × FREE_MOMENTA), and used unless --free-warmup / --free-momentum say otherwise
   (the noise detector's weight decay is checked the same way: group `wd-val`);
+- the frozen detector's own scores (group `scores`, not run by default): phase 1 of the final
+  CHNR run again (it is the same whatever the weighting), its scores' AUC/AP over the unprotected
+  pairs; the applied weights rank pairs as the scores do for soft and cubed weights, not for
+  discrete (0/1) ones;
 - CHNR's schedule with the true noise flags as pair weights (group `oracle`, not run by
   default): what a perfect detector reaches, so the gap to clean data splits into what detection
   misses and what losing the wrong pairs' supervision costs;
@@ -22,7 +26,7 @@ Each finished (p, seed, group) is recorded in benchmarks/results/runs/chnr/ unde
 training code's revision and the settings (committed), so an interrupted sweep resumes, in a later
 session too, and a code change re-runs.
 Usage: python -m benchmarks.chnr_ucm [--p 0.05 0.1 0.2 0.3 0.4 0.5] [--seeds 0 1 2]
-       [--groups chnr duch free baselines oracle free-val wd-val]
+       [--groups chnr duch free baselines oracle scores free-val wd-val]
 """
 
 from __future__ import annotations
@@ -183,6 +187,31 @@ def run_duch(store: FeatureStore, p: float, seed: int) -> list[dict]:
     ]
 
 
+def run_scores(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
+    """AUC/AP of the frozen detector's scores (before weighting) over the unprotected pairs:
+    phase 1 of the final CHNR run of (p, seed), which no weighting changes."""
+    cfg = chnr_config(store, p, seed, meta, meta + main, weighting="soft")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        split = load_or_make_split(work, store, cfg)
+        trainer = build_trainer(cfg, store, split, work)
+        assert isinstance(trainer, CHNRTrainer) and trainer.noisy is not None
+        for epoch in range(meta):
+            trainer.run_epoch(epoch)
+        scores = trainer.score_pairs().cpu().numpy()  # soft weights: the scores themselves
+        got = trainer.detection_scores(scores)
+    return [
+        {
+            "p": p,
+            "effective_noise": float(trainer.noisy.mean()),
+            "seed": seed,
+            "method": "chnr-detector",
+            "detector_auc": got["noise_auc"],
+            "detector_ap": got["noise_ap"],
+        }
+    ]
+
+
 def run_oracle(store: FeatureStore, p: float, seed: int, meta: int, main: int) -> list[dict]:
     """CHNR's schedule (phase 1 on the clean subset, then every pair weighted) with the true
     flags as weights: 0 for a wrong pair, 1 otherwise; the bound on what detection recovers."""
@@ -338,6 +367,7 @@ def main() -> None:
             {"warmup": warmup, "total": total, "momentum": momentum},
             lambda p, s: run_free(store, p, s, warmup, total, momentum),
         ),
+        "scores": ({"meta": meta}, lambda p, s: run_scores(store, p, s, meta, main_)),
         "oracle": (
             {"meta": meta, "main": main_},
             lambda p, s: run_oracle(store, p, s, meta, main_),
@@ -425,7 +455,8 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
         "jdsh": "JDSH",
     }
     chosen_free = [r for r in records if r["method"] == "chnr-free-val"]
-    records = [r for r in records if r["method"] != "chnr-free-val"]
+    detector = {(r["p"], r["seed"]): r for r in records if r["method"] == "chnr-detector"}
+    records = [r for r in records if r["method"] not in ("chnr-free-val", "chnr-detector")]
     for p in sorted({r["p"] for r in records}):
         sel = [r for r in records if r["p"] == p]
         eff = np.mean([r["effective_noise"] for r in sel])
@@ -445,6 +476,7 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
             row.append(f"{best[0]:.3f} / {best[1]:.3f}" if method == "chnr" else "—")
             aucs = [r["noise_auc"] for r in rs if r.get("noise_auc") is not None]
             row.append(f"{np.mean(aucs):.3f}" if aucs else "—")
+            row.append(_detector_cell(rs, detector) if method == "chnr" else "—")
             row.append(_validation_cell(rs) if method == "chnr" else "—")
             rows.append(row)
     header = [
@@ -458,6 +490,7 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
         "T→I paper",
         "paper best CHNR I→T / T→I",
         "noise AUC (unprotected)",
+        "detector-score AUC (unprotected)",
         "validation I→T / T→I per weighting (mean over seeds)",
     ]
     total = args.meta_epochs + args.main_epochs
@@ -477,7 +510,9 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
         "cubed = DUCH-NR-EW, discrete = DUCH-NR-DW; paper best: the best of the three). "
         "Noise AUC: ROC-AUC of the applied pair weights against the true noise flags over "
         "the unprotected training pairs (the protected clean subset trained the detector and "
-        "is left out).\n\n"
+        "is left out); detector-score AUC: the same for the frozen detector's scores, which "
+        "soft and cubed weights rank alike and discrete (0/1) weights coarsen (group `scores`; "
+        "seeds with discrete weights and no such record are left out of the mean).\n\n"
     )
     write_results("chnr_ucm", records, title + markdown_table(header, rows), trained_on=records)
 
@@ -497,6 +532,18 @@ def _free_choice(records: list[dict], args: argparse.Namespace) -> str:
         f"validation I→T / T→I of each setting tried: {tried}; best: warm-up {best['warmup']}, "
         f"momentum {best['momentum']:g}" + ("" if used else " — NOT the settings used here")
     )
+
+
+def _detector_cell(records: list[dict], detector: dict[tuple[float, int], dict]) -> str:
+    """Mean AUC of the detector's scores: a `scores` record, or the applied weights' AUC where
+    they are a monotone function of the scores (soft, cubed)."""
+    aucs = []
+    for r in records:
+        if (r["p"], r["seed"]) in detector:
+            aucs.append(detector[(r["p"], r["seed"])]["detector_auc"])
+        elif r["weighting"] in ("soft", "cubed"):
+            aucs.append(r["noise_auc"])
+    return f"{np.mean(aucs):.3f} ({len(aucs)} of {len(records)} seeds)" if aucs else "—"
 
 
 def _validation_cell(records: list[dict]) -> str:
