@@ -454,6 +454,7 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
         "djsrh": "DJSRH",
         "jdsh": "JDSH",
     }
+    every = records  # the JSON keeps the validation and detector-score records too
     chosen_free = [r for r in records if r["method"] == "chnr-free-val"]
     detector = {(r["p"], r["seed"]): r for r in records if r["method"] == "chnr-detector"}
     records = [r for r in records if r["method"] not in ("chnr-free-val", "chnr-detector")]
@@ -514,7 +515,7 @@ def write_table(records: list[dict], args: argparse.Namespace, weight_decay: lis
         "soft and cubed weights rank alike and discrete (0/1) weights coarsen (group `scores`; "
         "seeds with discrete weights and no such record are left out of the mean).\n\n"
     )
-    write_results("chnr_ucm", records, title + markdown_table(header, rows), trained_on=records)
+    write_results("chnr_ucm", every, title + markdown_table(header, rows), trained_on=every)
 
 
 def _free_choice(records: list[dict], args: argparse.Namespace) -> str:
