@@ -323,6 +323,7 @@ def main() -> None:
         "--groups",
         nargs="+",
         default=["chnr", "duch", "free", "baselines"],
+        choices=["chnr", "duch", "free", "baselines", "oracle", "scores", "free-val", "wd-val"],
         help="What to train (in this order) for each p and seed; `free-val`: clean-free CHNR "
         "with each warm-up × momentum of FREE_WARMUPS × FREE_MOMENTA at CHOICE_AT, scored "
         "on the validation images (first, once); `wd-val`: CHNR's validation figures with "
