@@ -247,6 +247,7 @@ def encode(
     """Binary codes (packed bits) for every image and caption of a feature store."""
     from rshash.features import FeatureStore
     from rshash.fileio import atomic_path
+    from rshash.index.packing import pack_codes
     from rshash.training import HashRun
 
     hash_run = HashRun.open(run)
@@ -254,11 +255,11 @@ def encode(
     hash_run.check_features(store)
     arrays = {
         "image_ids": np.array(store.image_ids),
-        "image_codes": np.packbits(hash_run.encode_images(store.image["plain"]) > 0, axis=1),
+        "image_codes": pack_codes(hash_run.encode_images(store.image["plain"])),
     }
     if store.text:
         arrays["caption_image"] = store.caption_owner
-        arrays["text_codes"] = np.packbits(hash_run.encode_texts(store.text["plain"]) > 0, axis=1)
+        arrays["text_codes"] = pack_codes(hash_run.encode_texts(store.text["plain"]))
     target = out or hash_run.path / "codes.npz"
     with atomic_path(target) as tmp, tmp.open("wb") as fh:
         np.savez(fh, bits=np.array(hash_run.bits), **arrays)  # type: ignore[arg-type]
@@ -450,11 +451,17 @@ def index_check(index: Annotated[Path, typer.Argument(help="Index directory.")])
 
 
 @index_app.command("upgrade")
-def index_upgrade(index: Annotated[Path, typer.Argument(help="rshash-index/1 directory.")]) -> None:
-    """Convert an rshash-index/1 directory to the current format, in place."""
+def index_upgrade(
+    index: Annotated[Path, typer.Argument(help="Index or run directory of an older rshash.")],
+) -> None:
+    """Convert an older index (rshash-index/1, or a pickled model.pt) or run, in place."""
     from rshash.index.maintenance import upgrade_index
 
-    _echo_index(upgrade_index(index))
+    upgraded = upgrade_index(index)
+    if upgraded is None:
+        typer.echo(f"run {index}: model converted to model.safetensors + model.json")
+    else:
+        _echo_index(upgraded)
 
 
 @index_app.command("info")

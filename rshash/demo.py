@@ -52,7 +52,7 @@ def build_demo(work: Path, epochs: int = 60, meta_epochs: int = 30) -> Path:
         extract_features(load_dataset(ucm), features, ExtractConfig())
     run = work / "runs" / "chnr-64-p0.2"
     print(f"[2/5] CHNR, 64 bits, 20 % swapped captions, {epochs} epochs -> {run}")
-    if not (run / "model.pt").exists():
+    if not (run / "model.json").exists():
         cfg = TrainConfig(
             features=str(features),
             method="chnr",

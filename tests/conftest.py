@@ -85,10 +85,28 @@ def ucm_run(ucm_features: Path) -> Path:
     from rshash.training import OptimConfig, TrainConfig, train
 
     run = CACHE / "ucm-duch64"
-    if not (run / "model.pt").exists():
+    if not (run / "model.json").exists():
         cfg = TrainConfig(features=str(ucm_features), bits=64, optim=OptimConfig(epochs=60))
         train(cfg, run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory: pytest.TempPathFactory, ucm_features: Path):
+    """`short_run(bits)`: a run of that code length trained for two epochs on UCM (seconds):
+    for tests of how code widths are handled, not of retrieval quality."""
+    from rshash.training import OptimConfig, TrainConfig, train
+
+    root = tmp_path_factory.mktemp("short-runs")
+
+    def make(bits: int) -> Path:
+        run = root / f"run{bits}"
+        if not (run / "model.json").exists():
+            cfg = TrainConfig(features=str(ucm_features), bits=bits, optim=OptimConfig(epochs=2))
+            train(cfg, run, progress=False)
+        return run
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -94,9 +94,11 @@ def test_filtered_search_is_exact_top_k_among_matching_items(ucm_run, tmp_path, 
         got = index.search_codes(queries, k=20, where=where)
         assert [[(h.distance, h.key) for h in g] for g in got] == want, where
         assert all(keep(h.item) for g in got for h in g)
-        within = index.search_codes(queries[:1], radius=28, where=where)[0]
+        radius = got[0][-1].distance  # the radius query must find at least the top-k
+        within = index.search_codes(queries[:1], radius=radius, where=where)[0]
+        assert len(within) >= len(got[0]) > 0
         assert {h.key for h in within} == {
-            int(k) for k in keys[mask] if np.bitwise_count(codes[k] ^ queries[0]).sum() <= 28
+            int(k) for k in keys[mask] if np.bitwise_count(codes[k] ^ queries[0]).sum() <= radius
         }
 
 
@@ -215,13 +217,24 @@ def test_reader_refresh_switches_generation_atomically(small_index):
     assert not reader.refresh()
 
 
-def test_v1_index_names_upgrade_and_upgrade_keeps_everything(ucm_run, tmp_path):
-    """Opening an old-format index must say how to convert it, and the conversion must keep keys,
-    records and answers."""
+def legacy_model_dir(run: Path, target: Path) -> Path:
+    """`run`'s model as an older rshash saved it: one pickled model.pt (tensors and plain
+    values), beside config.json and split.json."""
+    import torch
+
+    from rshash.models.model_file import load_model
+
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save(load_model(run), target / "model.pt")
+    for name in ("config.json", "split.json"):
+        shutil.copy(run / name, target / name)
+    return target
+
+
+def _v1_index(ucm_run: Path, tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, list]:
+    """An `rshash-index/1` directory of 120 random codes under keys 0, 2, 4, ..."""
     old = tmp_path / "old"
-    (old / "model").mkdir(parents=True)
-    for name in ("model.pt", "config.json", "split.json"):
-        shutil.copy(ucm_run / name, old / "model" / name)
+    legacy_model_dir(ucm_run, old / "model")
     codes, keys = codes_for(0, 120), np.arange(120) * 2
     np.save(old / "images.codes.3.npy", codes)
     np.save(old / "images.keys.3.npy", keys)
@@ -234,6 +247,13 @@ def test_v1_index_names_upgrade_and_upgrade_keeps_everything(ucm_run, tmp_path):
         collections={"images": {"count": 120, "next_key": 240, "report": {}}},
     )
     (old / "index.json").write_text(json.dumps(manifest))
+    return old, codes, keys, recs
+
+
+def test_v1_index_names_upgrade_and_upgrade_keeps_everything(ucm_run, tmp_path):
+    """Opening an old-format index must say how to convert it, and the conversion must keep keys,
+    records and answers (its pickled model converted to safetensors on the way)."""
+    old, codes, keys, recs = _v1_index(ucm_run, tmp_path)
     r = rshash_cli("search", old, "a river")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
@@ -241,6 +261,7 @@ def test_v1_index_names_upgrade_and_upgrade_keeps_everything(ucm_run, tmp_path):
     )
     r = rshash_cli("index", "upgrade", old)
     assert r.returncode == 0, r.stderr
+    assert not (old / "model" / "model.pt").exists()
     index = Index.open(old)
     assert index.items() == recs
     got = index.search_codes(codes[:3], k=10)
@@ -248,6 +269,41 @@ def test_v1_index_names_upgrade_and_upgrade_keeps_everything(ucm_run, tmp_path):
     index.add("images", codes_for(500, 1), _records(500, 1))
     index.commit()
     assert index.search_codes(codes_for(500, 1), k=1)[0][0].key == 240
+    assert rshash_cli("index", "check", old).returncode == 0
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from rshash.index import maintenance
+real, calls = maintenance._finish_swap, []
+def finish(*args):
+    calls.append(1)
+    if len(calls) == 2:  # the old index is parked, the new one not yet moved in
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+maintenance._finish_swap = finish
+maintenance.upgrade_index(sys.argv[1], progress=False)
+"""
+
+
+def test_upgrade_killed_between_its_renames_is_finished_by_the_next_one(ucm_run, tmp_path):
+    """Guards against an upgrade whose swap, killed between its two renames, leaves no index at
+    the path: opening names the fix, and running the upgrade again completes the swap."""
+    old, _, _, recs = _v1_index(ucm_run, tmp_path)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_BETWEEN_RENAMES, str(old)], cwd=REPO, timeout=300
+    )
+    assert killed.returncode == -9
+    assert not old.exists() and (tmp_path / "old.v1").is_dir()
+    r = rshash_cli("search", old, "a river")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {old}: an `rshash index upgrade` was interrupted; run it again to finish"
+    ]
+    r = rshash_cli("index", "upgrade", old)
+    assert r.returncode == 0, r.stderr
+    assert Index.open(old).items() == recs
+    assert not (tmp_path / "old.v1").exists() and not (tmp_path / "old.upgrade").exists()
     assert rshash_cli("index", "check", old).returncode == 0
 
 

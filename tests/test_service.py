@@ -356,11 +356,14 @@ def test_live_index_update_while_serving(ucm_index, tmp_path):
                 http.post("/search/text", json={"query": "a river", "k": 1})
                 time.sleep(0.1)
             n_before = len(statuses)
-            while len(statuses) < n_before + 5:
+            deadline = time.time() + 60
+            while len(statuses) < n_before + 5 and time.time() < deadline:
                 time.sleep(0.05)
+            assert len(statuses) >= n_before + 5, "the query stream stalled after the switch"
         finally:
             stop.set()
-            streamer.join()
+            streamer.join(timeout=120)
+        assert not streamer.is_alive(), "a query never returned"
         health = http.get("/healthz").json()
         assert health["images"] == 2106 and health["generation"] == 2
         probe = new / "gParking" / "g002.jpg"

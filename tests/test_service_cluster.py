@@ -125,7 +125,8 @@ def test_sharded_service_survives_node_loss(cluster, ucm_index, ucm_run, ucm_pat
             _wait_for(lambda: len(answers) >= n + 3, 60, "queries after recovery")
         finally:
             stop.set()
-            streamer.join()
+            streamer.join(timeout=120)
+        assert not streamer.is_alive(), "a query never returned"
         lost = "shard-001"
         assert {s for s, _, _ in answers} <= {200, 503}
         for status, seconds, error in answers:

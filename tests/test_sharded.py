@@ -21,10 +21,13 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_data_encoding_matches_local_encoding(local_ray, ucm_run, tmp_path):
+@pytest.mark.parametrize("bits", [48, 64])
+def test_ray_data_encoding_matches_local_encoding(local_ray, ucm_run, short_run, bits, tmp_path):
+    """At 48 bits guards against a code buffer of bits // 8 bytes beside whole-word codes."""
+    run = ucm_run if bits == 64 else short_run(bits)
     ds = load_dataset(make_caption_dataset(tmp_path / "mini", per_class=2, classes=(0, 8, 16)))
-    codes = ray_encode_images(ucm_run, ds, batch=3, workers=2, device="cpu", progress=False)
-    local = CodeEncoder(HashRun.open(ucm_run), "cpu").encode_image_files(ds.image_paths)
+    codes = ray_encode_images(run, ds, batch=3, workers=2, device="cpu", progress=False)
+    local = CodeEncoder(HashRun.open(run), "cpu").encode_image_files(ds.image_paths)
     differing_bits = np.unpackbits(codes ^ local, axis=1).sum(1)
     assert (differing_bits <= 1).all(), differing_bits  # float round-off may flip a marginal bit
 

@@ -44,6 +44,24 @@ class BuildConfig:
     device: str = "auto"
 
 
+# Record fields that name files, pixels or places: set by the archive's reader, never by
+# `--fields` (the service reads pixels from `path`, `window` and `bands`; filters trust the rest).
+RESERVED_FIELDS = frozenset(
+    {
+        "id", "image", "path", "captions", "text", "dataset", "scene", "window", "bands",
+        "stretch", "crs", "footprint", "footprint_wgs84", "bounds_wgs84", "resolution_m",
+    }
+)  # fmt: skip
+
+
+def source_entry(ds: ImageSource, **extra: Any) -> dict[str, Any]:
+    """The manifest's record of an archive added to an index: its name, the path given, and the
+    resolved folder its files lie under (the service serves files from there only)."""
+    given = Path(ds.source).resolve()
+    root = given if given.is_dir() else given.parent
+    return {"dataset": ds.name, "path": str(ds.source), "root": str(root), **extra}
+
+
 def image_record(
     ds: ImageSource, i: int, extra: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -177,7 +195,7 @@ def _add_archive(
     store = _matching_store(features, ds, index.encoder) if features else None
     try:
         stream_archive(index, ds, work, cfg, store, extra, progress)
-        index.commit({"dataset": ds.name, "path": str(ds.source), "images": len(ds)})
+        index.commit(source_entry(ds, images=len(ds)))
     finally:
         index.close()
     shutil.rmtree(work, ignore_errors=True)
@@ -195,6 +213,7 @@ def build_index(
 ) -> Index:
     """Encode `ds` with the run's model into a new index at `out`."""
     cfg = cfg or BuildConfig()
+    check_extra_fields(extra or {})
     out = Path(out)
     index = Index.create(out, run_dir, cfg.engine, cfg.engine_params, cfg.device)
     _add_archive(index, ds, cfg, out.with_name(out.name + ".partial"), features, extra, progress)
@@ -211,6 +230,7 @@ def add_to_index(
 ) -> tuple[Index, int]:
     """Encode `ds` with the index's own model and add it; returns the index and images added."""
     cfg = cfg or BuildConfig()
+    check_extra_fields(extra or {})
     index = Index.open(index_path, device=cfg.device)
     work = Path(index_path).with_name(Path(index_path).name + ".partial")
     return index, _add_archive(index, ds, cfg, work, features, extra, progress)
@@ -229,4 +249,16 @@ def read_extra_fields(path: str | Path | None, ids: Sequence[str]) -> dict[str, 
     unknown = next((k for k in data if k not in set(ids)), None)
     if unknown is not None:
         raise RshashError(f"{path}: fields given for {unknown!r}, which is not in the archive")
+    check_extra_fields(data, str(path))
     return data
+
+
+def check_extra_fields(extra: dict[str, dict[str, Any]], where: str = "fields") -> None:
+    """Refuse user fields that would replace a reserved field of the archive's own records."""
+    for image_id, fields in extra.items():
+        taken = sorted(RESERVED_FIELDS.intersection(fields))
+        if taken:
+            raise RshashError(
+                f"{where}: {image_id!r} sets {', '.join(taken)}, which rshash sets from the archive"
+                f" (reserved: {', '.join(sorted(RESERVED_FIELDS))}); rename the field"
+            )

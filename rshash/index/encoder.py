@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,29 @@ class CodeEncoder:
             return pack_codes(self.run.encode_texts(self.text_encoder.encode(list(texts))))
 
 
-def decode_image(data: bytes, name: str = "query image") -> Image.Image:
-    """Bytes of an image file → RGB image, or a one-line error naming `name`."""
+MAX_QUERY_PIXELS = 50_000_000  # a query image's width × height (decoded RGB: 150 MB)
+
+
+def decode_image(
+    data: bytes, name: str = "query image", max_pixels: int = MAX_QUERY_PIXELS
+) -> Image.Image:
+    """Bytes of an image file → RGB image, or a one-line error naming `name`.
+
+    The pixel count is read from the header and checked before any pixel is decoded: a small
+    file can declare a huge image (a 17 KB PNG of 144 Mpx decodes to 432 MB).
+    """
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises several unrelated types for bad files
+        raise RshashError(f"{name}: cannot decode image ({exc.__class__.__name__}: {exc})") from exc
+    width, height = img.size
+    if width * height > max_pixels:
+        raise RshashError(
+            f"{name}: {width}×{height} pixels, more than the {max_pixels:,} a query image may have"
+        )
+    try:
         img.load()
         return img.convert("RGB")
     except Exception as exc:  # PIL raises several unrelated types for bad files

@@ -4,8 +4,8 @@ Layout of INDEX/ (see `store` for the file formats):
 
 - `index.json`: manifest (format, bits, engine, model fingerprint, generation, per collection its
   segments, live count, tombstones and next key);
-- `model/`: a copy of the run (`model.pt`, `config.json`, `split.json`), so queries are always
-  encoded by the model that encoded the archive;
+- `model/`: a copy of the run (`model.safetensors`, `model.json`, `config.json`, `split.json`),
+  so queries are always encoded by the model that encoded the archive;
 - `records.db`: every item's record (SQLite), with the generations that added and removed it;
 - `seg-<collection>-<generation>.bin`: the codes each commit added (append-only);
 - `engine-<collection>-<generation>.bin`: trained engine state (faiss-ivf only).
@@ -21,7 +21,6 @@ Removed items stay in their segments as tombstones (a mask during search) until 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sqlite3
 import threading
@@ -52,18 +51,15 @@ from rshash.index.store import (
     in_collection,
     live_sql,
 )
+from rshash.models.model_file import MODEL, MODEL_FILES, model_fingerprint
 from rshash.reproducibility import provenance
-from rshash.training.run import MODEL, HashRun
+from rshash.training.run import HashRun
 
 MAX_K = 10_000
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
-
-
-def model_fingerprint(run_dir: Path) -> str:
-    return hashlib.sha256((run_dir / MODEL).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -180,9 +176,10 @@ class Searcher(ABC):
         return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
 
 
-def check_query(k: int, radius: int | None) -> None:
-    if radius is not None and radius < 0:
-        raise RshashError(f"radius must be ≥ 0, got {radius}")
+def check_query(k: int, radius: int | None, bits: int) -> None:
+    """k in 1..MAX_K, or a radius in 0..bits (a code is never farther than its length)."""
+    if radius is not None and not 0 <= radius <= bits:
+        raise RshashError(f"radius: expected 0 to {bits} (the code length), got {radius}")
     if radius is None and not 1 <= k <= MAX_K:
         raise RshashError(f"k must be between 1 and {MAX_K}, got {k}")
 
@@ -280,7 +277,7 @@ class Index(Searcher):
             tmp = path / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            for name in (MODEL, "config.json", "split.json"):
+            for name in (*MODEL_FILES, "config.json", "split.json"):
                 shutil.copy2(run_dir / name, tmp / name)
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)
@@ -752,7 +749,7 @@ class Index(Searcher):
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
     ) -> list[list[Hit]]:
-        check_query(k, radius)
+        check_query(k, radius, self.bits)
         if radius is None:
             dist, keys = self.search_keys(codes, k, collection, where=where, bbox=bbox)
             return self._hits(collection, list(zip(dist, keys, strict=True)))
@@ -775,7 +772,7 @@ class Index(Searcher):
     ) -> Hits:
         """Top-k (distances, keys) per query without the records: (q, k) arrays, key -1 past
         the matching items."""
-        check_query(k, None)
+        check_query(k, None, self.bits)
         state = self._state
         col = self._collection(state, collection)
         allowed = None

@@ -1,4 +1,4 @@
-"""Index upkeep: the consistency check and the upgrade of `rshash-index/1` directories."""
+"""Index upkeep: the consistency check, and the upgrade of older indexes and runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from rshash.errors import RshashError
+from rshash.fileio import fsync_dir, write_json_atomic
 from rshash.index import store
 from rshash.index.index import Index
 from rshash.index.packing import code_bytes
@@ -22,6 +23,7 @@ from rshash.index.store import (
     in_collection,
     live_sql,
 )
+from rshash.models.model_file import convert_legacy_model, model_fingerprint
 
 
 def check_index(path: str | Path) -> dict[str, dict[str, int]]:
@@ -89,26 +91,75 @@ def _keys(db: Any, sql: str) -> np.ndarray:
     return np.sort(np.fromiter((r[0] for r in db.execute(sql)), np.int64))
 
 
-def upgrade_index(path: str | Path, progress: bool = True) -> Index:
-    """Convert an `rshash-index/1` directory in place (keys, records and engine kept).
+def upgrade_index(path: str | Path, progress: bool = True) -> Index | None:
+    """Bring an index or a run directory written by an older rshash to the current format.
 
-    The new index is written beside it and swapped in by renames, so a failure leaves the old
-    one as it was.
+    - a run directory, or an index whose `model/` holds a pickled `model.pt`: the model is
+      rewritten as safetensors + JSON (read with PyTorch's restricted loader, never executed) and
+      the index's manifest takes the new model fingerprint;
+    - an `rshash-index/1` directory: converted in place (keys, records and engine kept), written
+      beside it as `INDEX.upgrade` and swapped in by two renames. A kill between them leaves the
+      old index at `INDEX.v1` and the new one complete at `INDEX.upgrade`: running the upgrade
+      again (or opening, which says so) finishes the swap.
+
+    Returns the upgraded index, or None for a run directory.
     """
-    from tqdm import tqdm
-
     path = Path(path)
+    tmp, backup = _upgrade_paths(path)
+    if _finish_swap(path, tmp, backup):
+        return Index.open(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise RshashError(f"{path}: not an rshash index (no {MANIFEST})")
-    old = json.loads(manifest_path.read_text())
+        if (path / "config.json").is_file() and convert_legacy_model(path):
+            return None
+        if (path / "config.json").is_file():
+            raise RshashError(f"{path}: the run's model is already in the current format")
+        raise RshashError(f"{path}: not an rshash index (no {MANIFEST}) nor a training run")
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RshashError(f"{manifest_path}: not valid JSON ({exc})") from None
+    converted = convert_legacy_model(path / "model")
+    if old.get("format") == store.FORMAT:
+        if not converted:
+            raise RshashError(f"{path}: already in the current format ({store.FORMAT})")
+        old["model"]["fingerprint"] = model_fingerprint(path / "model")
+        write_json_atomic(manifest_path, old)
+        return Index.open(path)
     if old.get("format") != OLD_FORMAT:
         raise RshashError(f"{path}: format {old.get('format')!r}; only {OLD_FORMAT} is upgraded")
+    _rewrite_v1(path, old, tmp, progress)
+    path.rename(backup)
+    fsync_dir(path.parent)
+    _finish_swap(path, tmp, backup)
+    return Index.open(path)
+
+
+def _upgrade_paths(path: Path) -> tuple[Path, Path]:
+    """Where an upgrade writes the new index, and where it parks the old one during the swap."""
+    return path.with_name(path.name + ".upgrade"), path.with_name(path.name + ".v1")
+
+
+def _finish_swap(path: Path, tmp: Path, backup: Path) -> bool:
+    """Complete a swap that a kill interrupted; True if one was (or had just been) completed."""
+    if not path.exists() and backup.is_dir() and (tmp / MANIFEST).is_file():
+        tmp.rename(path)
+        fsync_dir(path.parent)
+    done = path.exists() and backup.is_dir() and (path / MANIFEST).is_file()
+    if done and json.loads((path / MANIFEST).read_text()).get("format") == store.FORMAT:
+        shutil.rmtree(backup)
+        return True
+    return False
+
+
+def _rewrite_v1(path: Path, old: dict[str, Any], tmp: Path, progress: bool) -> None:
+    """Write the `rshash-index/1` index at `path` as a new index at `tmp` (committed)."""
+    from tqdm import tqdm
+
     gen, spec = old["generation"], old["engine"]
-    tmp = path.with_name(path.name + ".upgrade")
     shutil.rmtree(tmp, ignore_errors=True)
     new = Index.create(tmp, path / "model", spec["name"], spec["params"])
-    new.manifest["model"] = old["model"]
+    new.manifest["model"] = {**old["model"], "fingerprint": model_fingerprint(path / "model")}
     for name in COLLECTIONS:
         if name not in old["collections"]:
             continue
@@ -131,8 +182,3 @@ def upgrade_index(path: str | Path, progress: bool = True) -> Index:
     new.manifest["sources"] = old.get("sources", [])
     new.commit({"upgraded_from": OLD_FORMAT})
     new.close()
-    backup = path.with_name(path.name + ".v1")
-    path.rename(backup)
-    tmp.rename(path)
-    shutil.rmtree(backup)
-    return Index.open(path)

@@ -27,6 +27,12 @@ def code_bytes(bits: int) -> int:
     return 8 * -(-check_bits(bits) // 64)
 
 
+def empty_codes(n: int, bits: int) -> np.ndarray:
+    """Zeroed buffer for n packed codes of `bits` bits: (n, code_bytes(bits)) uint8, the width
+    every encoder, segment and kernel uses (whole 64-bit words)."""
+    return np.zeros((n, code_bytes(bits)), np.uint8)
+
+
 def pad_packed(packed: np.ndarray, bits: int) -> np.ndarray:
     """(n, ⌈K/8⌉ or code_bytes(K)) uint8 → (n, code_bytes(K)), zero bytes appended."""
     packed = np.asarray(packed, np.uint8)

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.fileio import write_json_atomic
-from rshash.index.build import caption_records, image_records
+from rshash.index.build import caption_records, image_records, source_entry
 from rshash.index.encoder import CodeEncoder
 from rshash.index.index import Hit, Index, Searcher, check_query
+from rshash.index.packing import empty_codes
 from rshash.index.store import LOCK
 from rshash.training.run import HashRun
 
@@ -80,7 +81,7 @@ def ray_encode_images(
         num_gpus=gpus_per_worker,
     )
     bits = HashRun.open(run_dir).bits
-    codes = np.zeros((len(ds), bits // 8), np.uint8)
+    codes = empty_codes(len(ds), bits)
     with tqdm(total=len(ds), desc="ray encode", unit="image", disable=not progress) as bar:
         for part in encoded.iter_batches(batch_format="numpy", batch_size=None):
             codes[part["row"]] = part["codes"]
@@ -120,7 +121,7 @@ def ray_build_shards(
         a, b = int(cap_start[lo]), int(cap_start[hi])
         if caption_codes is not None and b > a:
             shard.add("captions", caption_codes[a:b], captions[a:b], first_key=a)
-        shard.commit({"dataset": ds.name, "path": str(ds.source), "rows": [lo, hi]})
+        shard.commit(source_entry(ds, rows=[lo, hi]))
         paths.append(shard.path)
     write_json_atomic(
         out / SHARDS,
@@ -166,7 +167,7 @@ class _Shard:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         self.index = Index.open(tmp, device="cpu")
-        probe = np.zeros((1, self.index.bits // 8), np.uint8)
+        probe = empty_codes(1, self.index.bits)
         for name, col in self.index.collections.items():  # compile the search kernels now
             if len(col):
                 self.index.search_codes(probe, 1, name)
@@ -314,7 +315,7 @@ class ShardedIndex(Searcher):
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
     ) -> list[list[Hit]]:
-        check_query(k, radius)
+        check_query(k, radius, self.bits)
         filters: dict[str, Any] = {}
         if where is not None:
             filters["where"] = where

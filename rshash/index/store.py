@@ -211,6 +211,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of index directory `path`, checked to be this format."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
+        if not path.exists() and path.with_name(path.name + ".upgrade").is_dir():
+            raise RshashError(
+                f"{path}: an `rshash index upgrade` was interrupted; run it again to finish"
+            )
         raise RshashError(f"{path}: not an rshash index (no {MANIFEST})")
     try:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())

@@ -10,6 +10,7 @@ answer with a JSON body {"error": "..."}; the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -27,19 +28,24 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, Response, Uploa
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
+from rshash.index.encoder import MAX_QUERY_PIXELS
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
+from rshash.service.body_limit import BodyLimit
 from rshash.service.geo_routes import geo_router, render, tile_png
 from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
 from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
+from rshash.service.served_files import ServedFiles
 from rshash.service.thumbnails import thumbnail_of
 
+MULTIPART_SLACK = 64 * 1024  # form fields and part headers beside an upload of the size limit
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/tiff", "image/webp", "image/bmp", "image/gif"}
 log = logging.getLogger("rshash.service")
 
@@ -48,6 +54,9 @@ log = logging.getLogger("rshash.service")
 class ServiceConfig:
     max_query_chars: int = 500
     max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_pixels: int = MAX_QUERY_PIXELS  # checked from the header, before decoding
+    max_body_bytes: int = 64 * 1024  # any other request body (JSON queries)
+    decode_workers: int = 4  # uploads decoded at once (each up to max_upload_pixels × 3 bytes)
     max_k: int = 200
     thumbnail_size: int = 256
     device: str = "auto"
@@ -145,7 +154,10 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         description="Hash-code search over a remote-sensing archive.",
         lifespan=lifespan,
     )
+    upload_body = cfg.max_upload_bytes + MULTIPART_SLACK
+    app.add_middleware(BodyLimit, limits={"/search/image": upload_body}, default=cfg.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    decode_slots = asyncio.Semaphore(cfg.decode_workers)
 
     def counts() -> dict[str, int]:
         if isinstance(index, ShardedIndex):
@@ -157,6 +169,16 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             return index.item(item_id)
         except RshashError:
             raise HTTPException(404, f"no image with id {item_id!r}") from None
+
+    def sources() -> list[dict[str, Any]]:
+        manifests = index.manifests if isinstance(index, ShardedIndex) else [index.manifest]
+        return [s for m in manifests for s in m.get("sources", [])]
+
+    served = ServedFiles(sources)
+
+    def file_item_of(item_id: str) -> dict[str, Any]:
+        """The item, its path checked to be a file under the index's source roots (else 404)."""
+        return served.checked(item_of(item_id))
 
     def result(hit: Hit) -> dict[str, Any]:
         image_id = hit.item.get("image", hit.id)
@@ -170,16 +192,31 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             field = "where" if where is not None else "bbox"
             raise HTTPException(422, f"{field}: this index does not support filters")
 
+    def busy(exc: QueueFull) -> HTTPException:
+        metrics.shed.inc()
+        return HTTPException(
+            503,
+            f"service busy ({exc}); retry in {cfg.retry_after_s} s",
+            headers={"Retry-After": str(cfg.retry_after_s)},
+        )
+
     async def search(request: SearchRequest) -> list[Hit]:
         try:
             return await batcher.submit(request)
         except QueueFull as exc:
-            metrics.shed.inc()
-            raise HTTPException(
-                503,
-                f"service busy ({exc}); retry in {cfg.retry_after_s} s",
-                headers={"Retry-After": str(cfg.retry_after_s)},
-            ) from None
+            raise busy(exc) from None
+
+    async def decoded(data: bytes, name: str) -> Image.Image:
+        """The upload in the encoder's view, decoded only once admitted (shed first, not after)
+        and at most `decode_workers` at a time."""
+        try:
+            with batcher.preparing():
+                async with decode_slots:
+                    return await run_in_threadpool(
+                        image_view, data, name, index.encoder, cfg.max_upload_pixels
+                    )
+        except QueueFull as exc:
+            raise busy(exc) from None
 
     def answer(hits: list[Hit], output: str, **query: Any) -> Response:
         body = {**query, "count": len(hits), "results": [result(h) for h in hits]}
@@ -272,14 +309,14 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             raise HTTPException(
                 413, f"upload {file.filename!r}: larger than {cfg.max_upload_bytes} bytes"
             )
-        view = await run_in_threadpool(image_view, data, repr(file.filename), index.encoder)
+        view = await decoded(data, repr(file.filename))
         hits = await search(SearchRequest(k, collection, None, where, box, image=view))
         extra = {n: v for n, v in (("where", where), ("bbox", box)) if v is not None}
         return answer(hits, format, k=k, collection=collection, filename=file.filename, **extra)
 
     @app.get("/items/{item_id:path}/thumbnail", response_class=FileResponse)
     def item_thumbnail(item_id: str) -> FileResponse:
-        item = item_of(item_id)
+        item = file_item_of(item_id)
         path = thumbnail_of(item, thumbs, cfg.thumbnail_size)
         return FileResponse(
             path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
@@ -287,12 +324,12 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
 
     @app.get("/items/{item_id:path}/image", response_model=None)
     def item_image(item_id: str) -> FileResponse | Response:
-        item = item_of(item_id)
+        item = file_item_of(item_id)
         return tile_png(item) if "window" in item else FileResponse(item["path"])
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str) -> dict[str, Any]:
         return item_of(item_id)
 
-    app.include_router(geo_router(item_of, thumbs))
+    app.include_router(geo_router(file_item_of, thumbs))
     return app

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -98,12 +98,13 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._last_batch = 0
+        self._preparing = 0
         self.cost = BatchCost()
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._queue)
+        """Requests waiting for a batch, and those admitted and still being prepared for one."""
+        return len(self._queue) + self._preparing
 
     @property
     def expected_wait(self) -> float:
@@ -111,15 +112,30 @@ class Batcher(Generic[T, R]):
         model: the full batches ahead of it (0 before any batch was timed)."""
         if not self.cost.seen:
             return 0.0
-        return len(self._queue) // self.config.max_batch * self.cost(self.config.max_batch)
+        return self.depth // self.config.max_batch * self.cost(self.config.max_batch)
 
-    async def submit(self, item: T) -> R:
+    def admit(self) -> None:
+        """Raise QueueFull if a request arriving now would be refused."""
         cfg = self.config
-        if len(self._queue) >= cfg.max_queue:
-            raise QueueFull(f"{len(self._queue)} queries waiting")
+        if self.depth >= cfg.max_queue:
+            raise QueueFull(f"{self.depth} queries waiting")
         if cfg.max_queue_ms is not None and self.expected_wait * 1000 > cfg.max_queue_ms:
             work = f"{self.expected_wait:.2f} s of batches ahead"
-            raise QueueFull(f"{len(self._queue)} queries waiting, {work}")
+            raise QueueFull(f"{self.depth} queries waiting, {work}")
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Admit a request before its costly preparation (decoding an upload), counting it as
+        waiting meanwhile, so that load shedding applies before that work is done."""
+        self.admit()
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+
+    async def submit(self, item: T) -> R:
+        self.admit()
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()

@@ -20,7 +20,7 @@ from PIL import Image
 from rshash.features.views import plain_view
 from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.index import Hit, Searcher
-from rshash.index.packing import pack_codes
+from rshash.index.packing import empty_codes, pack_codes
 
 BBox = tuple[float, float, float, float]
 
@@ -41,9 +41,9 @@ class SearchRequest:
         return (self.collection, self.radius, self.where, self.bbox)
 
 
-def image_view(data: bytes, name: str, encoder: CodeEncoder) -> Image.Image:
+def image_view(data: bytes, name: str, encoder: CodeEncoder, max_pixels: int) -> Image.Image:
     """Decode an uploaded image and bring it to the encoder's input view (run in a thread)."""
-    return plain_view(decode_image(data, name), encoder.views)
+    return plain_view(decode_image(data, name, max_pixels), encoder.views)
 
 
 def encode_views(encoder: CodeEncoder, views: Sequence[Image.Image]) -> np.ndarray:
@@ -55,7 +55,7 @@ def encode_views(encoder: CodeEncoder, views: Sequence[Image.Image]) -> np.ndarr
 def search_batch(index: Searcher, requests: list[SearchRequest]) -> list[list[Hit] | Exception]:
     """Answers to `requests`, in order; a failing group fails only its own requests."""
     encoder = index.encoder
-    codes = np.zeros((len(requests), encoder.run.bits // 8), np.uint8)
+    codes = empty_codes(len(requests), encoder.run.bits)
     texts = [i for i, r in enumerate(requests) if r.text is not None]
     images = [i for i, r in enumerate(requests) if r.image is not None]
     if texts:

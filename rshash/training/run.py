@@ -1,7 +1,9 @@
 """Training entry point and the run directory it writes.
 
 A run directory holds `config.json` (full config, provenance), `split.json`, `history.json`
-(every loss term per epoch), `checkpoint.pt` (last epoch, for resuming) and `model.pt`.
+(every loss term per epoch), `checkpoint.pt` (last epoch, for resuming) and the model:
+`model.safetensors` (the networks' tensors) and `model.json` (sizes, encoders, method), so that
+opening a run or an index copied from someone else loads data and never executes code.
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ import torch
 from rshash.data.splits import Split, make_split
 from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
-from rshash.fileio import atomic_path, write_json_atomic
+from rshash.fileio import write_json_atomic
 from rshash.models import HashNet, NoiseDetector
+from rshash.models.model_file import load_model, save_model
 from rshash.reproducibility import machine, provenance, resolve_device
 from rshash.training.config import TrainConfig
 from rshash.training.data import training_pairs
 from rshash.training.duch import DUCHTrainer
 from rshash.training.loop import config_key, run_epochs
-
-MODEL = "model.pt"
 
 
 def load_or_make_split(run_dir: Path, store: FeatureStore, cfg: TrainConfig) -> Split:
@@ -101,9 +102,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True) -> Path:
         **trainer.model_extras(),
     }
     trainer.write_outputs(run_dir)
-    with atomic_path(run_dir / MODEL) as tmp:
-        torch.save(model, tmp)
+    save_model(run_dir, model)
     return run_dir
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a one-line error naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RshashError(f"{path}: missing (the run or index copy is damaged)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RshashError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise RshashError(f"{path}: expected an object with a 'config' object")
+    return data
 
 
 @dataclass
@@ -125,11 +138,8 @@ class HashRun:
     @classmethod
     def open(cls, path: str | Path) -> HashRun:
         path = Path(path)
-        model_path = path / MODEL
-        if not model_path.is_file():
-            raise RshashError(f"{path}: not a finished training run (no {MODEL})")
-        cfg = TrainConfig.from_dict(json.loads((path / "config.json").read_text())["config"])
-        info = torch.load(model_path, map_location="cpu", weights_only=False)
+        info = load_model(path)
+        cfg = TrainConfig.from_dict(_read_json(path / "config.json")["config"])
         image_net = HashNet(info["image_dim"], info["bits"], info["hidden"])
         text_net = HashNet(info["text_dim"], info["bits"], info["hidden"])
         image_net.load_state_dict(info.pop("image_net"))
@@ -139,6 +149,8 @@ class HashRun:
             detector = NoiseDetector(info["image_dim"], info["text_dim"])
             detector.load_state_dict(info.pop("detector"))
             detector.eval()
+        if not (path / "split.json").is_file():
+            raise RshashError(f"{path / 'split.json'}: missing (the run or index copy is damaged)")
         split = Split.load(path / "split.json")
         return cls(path, cfg, split, image_net.eval(), text_net.eval(), info, detector)
 
