@@ -12,10 +12,13 @@ Layout of INDEX/ (see `store` for the file formats):
 
 A change (add, remove) takes the writer lock, writes the new codes to the next generation's
 segment and the records into one SQLite transaction, then `commit()` syncs the segment, commits
-the transaction and atomically replaces `index.json`. Readers load the manifest's generation
+the transaction and atomically replaces `index.json`, syncing files and directory so that a
+committed generation survives a power loss. A writer waits for the lock at most `lock_timeout_s`
+(default 60 s), then fails naming the holder. Readers load the manifest's generation
 only (rows added later are invisible to them, rows removed later still visible), so they see the
 old or the new state, never a mix; `refresh()` moves them to the newest. A writer that dies
-leaves rows and files of a generation no manifest names: the next writer deletes them first.
+leaves rows and files of a generation no manifest names, and temporary files: the next writer
+deletes them first.
 Removed items stay in their segments as tombstones (a mask during search) until `compact()`.
 """
 
