@@ -36,6 +36,13 @@ Features = Annotated[
 Fields = Annotated[
     Path | None, typer.Option(help="JSON object {image id: {field: value}} stored with items.")
 ]
+LockTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--lock-timeout",
+        help="Longest wait (seconds) for another writer's lock, then fail naming it (default 60).",
+    ),
+]
 
 
 @data_app.command("inspect")
@@ -368,13 +375,21 @@ def index_build(
     tile: Tile = None,
     stride: Stride = None,
     bands: Bands = None,
+    lock_timeout: LockTimeout = None,
 ) -> None:
     """Encode every image (and caption) of DATA with RUN's model into a new index."""
     from rshash.index.build import BuildConfig, build_index, read_extra_fields
 
+    wait = _lock_timeout(lock_timeout)
     ds = _archive(data, skip_bad, tile, stride, bands, features)
     params = {"nprobe": nprobe} if engine == "faiss-ivf" else {}
-    cfg = BuildConfig(engine=engine, engine_params=params, image_batch=batch_size, device=device)
+    cfg = BuildConfig(
+        engine=engine,
+        engine_params=params,
+        image_batch=batch_size,
+        device=device,
+        lock_timeout_s=wait,
+    )
     index = build_index(run, ds, out, cfg, features, read_extra_fields(fields, ds.image_ids))
     _echo_index(index)
 
@@ -391,12 +406,14 @@ def index_add(
     tile: Tile = None,
     stride: Stride = None,
     bands: Bands = None,
+    lock_timeout: LockTimeout = None,
 ) -> None:
     """Encode DATA with the index's own model and add it, without rebuilding."""
     from rshash.index.build import BuildConfig, add_to_index, read_extra_fields
 
+    wait = _lock_timeout(lock_timeout)
     ds = _archive(data, skip_bad, tile, stride, bands, features)
-    cfg = BuildConfig(image_batch=batch_size, device=device)
+    cfg = BuildConfig(image_batch=batch_size, device=device, lock_timeout_s=wait)
     idx, added = add_to_index(index, ds, cfg, features, read_extra_fields(fields, ds.image_ids))
     typer.echo(f"added {added} images")
     _echo_index(idx)
@@ -406,11 +423,12 @@ def index_add(
 def index_remove(
     index: Annotated[Path, typer.Argument(help="Index directory.")],
     ids: Annotated[list[str], typer.Argument(help="Image ids (their captions go too).")],
+    lock_timeout: LockTimeout = None,
 ) -> None:
     """Remove images by id."""
     from rshash.index import Index
 
-    idx = Index.open(index)
+    idx = Index.open(index, lock_timeout_s=_lock_timeout(lock_timeout))
     removed = idx.remove(ids)
     if removed < len(set(ids)):
         idx.close()
@@ -419,6 +437,17 @@ def index_remove(
     idx.commit({"removed": ids})
     typer.echo(f"removed {removed} images")
     _echo_index(idx)
+
+
+def _lock_timeout(seconds: float | None) -> float:
+    """--lock-timeout, checked; the library's default when not given."""
+    from rshash.index.store import LOCK_TIMEOUT_S
+
+    if seconds is None:
+        return LOCK_TIMEOUT_S
+    if not 0 <= seconds <= 7 * 86400:
+        raise RshashError(f"--lock-timeout: expected seconds between 0 and 604800, got {seconds}")
+    return seconds
 
 
 def _has_image(index: Any, image_id: str) -> bool:
@@ -430,11 +459,14 @@ def _has_image(index: Any, image_id: str) -> bool:
 
 
 @index_app.command("compact")
-def index_compact(index: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
+def index_compact(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    lock_timeout: LockTimeout = None,
+) -> None:
     """Merge each collection's segments into one and drop removed items' codes."""
     from rshash.index import Index
 
-    idx = Index.open(index)
+    idx = Index.open(index, lock_timeout_s=_lock_timeout(lock_timeout))
     dropped = idx.compact()
     for name, n in dropped.items():
         typer.echo(f"{name}: dropped {n} removed codes")

@@ -1,4 +1,9 @@
-"""Crash-safe writes: build the new file beside the target, then rename it into place."""
+"""Crash-safe writes: build the new file beside the target, then rename it into place.
+
+A rename is only durable once the directory is synced, and the new name must not point at data
+still in the page cache: `atomic_path` syncs the temporary file, renames it, then syncs the
+directory, so a power loss leaves the old file or the whole new one.
+"""
 
 from __future__ import annotations
 
@@ -22,19 +27,38 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
         os.replace(tmp_path, target)
+        fsync_dir(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's data to disk (after it was written and closed)."""
+    _fsync(path, os.O_RDONLY)
+
+
 def fsync_dir(path: str | Path) -> None:
-    """Make a rename or a new file in directory `path` durable (POSIX: sync the directory)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a directory's entries to disk: makes files created or renamed in it durable."""
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_bytes_durable(target: str | Path, data: bytes) -> None:
+    """Write a new file and sync its data (the caller syncs the directory once for all files)."""
+    with open(target, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _umask() -> int:

@@ -144,7 +144,7 @@ def test_interrupted_build_resumes_from_saved_batches(ucm_run, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         build_index(ucm_run, ds, out, cfg, progress=False)
     assert not (out / "index.json").exists()
-    assert len(list((tmp_path / "index.partial").glob("images-*.npy"))) == 2
+    assert len(list((tmp_path / "index.partial").glob("*/images-*.npy"))) == 2
     calls.clear()
     monkeypatch.setattr(build_module.CodeEncoder, "encode_images", counted(fail_at=0))
     index = build_index(ucm_run, ds, out, cfg, progress=False)

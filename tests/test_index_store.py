@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from rshash.errors import RshashError
 from rshash.index import Index
 from rshash.index.filters import compile_where
 from rshash.index.maintenance import check_index
-from tests.conftest import REPO, rshash_cli
+from rshash.index.store import WriteLock
+from tests.conftest import REPO, make_caption_dataset, rshash_cli
 from tests.index_writer import codes_for
 
 CLASSES = ("river", "forest", "parking")
@@ -307,19 +311,129 @@ def test_upgrade_killed_between_its_renames_is_finished_by_the_next_one(ucm_run,
     assert rshash_cli("index", "check", old).returncode == 0
 
 
-def _writer(index: Path, action: str, kill_at: str | None = None) -> subprocess.Popen:
+def _writer(index: Path, action: str, point: str | None = None, **popen) -> subprocess.Popen:
     args = [sys.executable, "-m", "tests.index_writer", str(index), action]
-    return subprocess.Popen([*args, *([kill_at] if kill_at else [])], cwd=REPO)
+    return subprocess.Popen([*args, *([point] if point else [])], cwd=REPO, **popen)
+
+
+def _wait_held(flag: Path, proc: subprocess.Popen) -> None:
+    """Wait until the writer paused at its hold point (created FLAG.held)."""
+    deadline = time.monotonic() + 120
+    while not Path(f"{flag}.held").exists():
+        assert proc.poll() is None, f"writer exited with {proc.returncode} before its hold"
+        assert time.monotonic() < deadline, "writer never reached its hold point"
+        time.sleep(0.05)
+
+
+def _stderr_line(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The next line the process writes to stderr (fails after `timeout` seconds)."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    assert ready, "no line on stderr in time"
+    return proc.stderr.readline()
+
+
+def test_lock_wait_names_the_holder_and_gives_up_at_the_deadline(tmp_path, capsys):
+    """A waiter used to block forever without a word; it must say who holds the lock, then give
+    up at its deadline with one line naming the holder's pid, command and start time."""
+    holder = WriteLock(tmp_path)
+    holder.acquire()
+    waiter = WriteLock(tmp_path, timeout_s=1.5)
+    with pytest.raises(RshashError) as err:
+        waiter.acquire()
+    assert re.fullmatch(
+        rf"{re.escape(str(tmp_path))}/write\.lock: held by pid {os.getpid()} \(.+\) since "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; gave up after 1\.5 s \(--lock-timeout\)",
+        str(err.value),
+    ), str(err.value)
+    assert f"waiting, held by pid {os.getpid()}" in capsys.readouterr().err
+    assert not waiter.held
+    holder.release()
+    waiter.acquire()  # a released lock is free at once
+    assert waiter.held
+    waiter.release()
+
+
+def test_commit_syncs_files_then_directory_then_manifest(small_index, monkeypatch):
+    """Without fsyncs a power loss could undo a commit the user was told succeeded: the new
+    segment's data and directory entry, then the new manifest's data, then its rename must reach
+    the disk, in that order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    index = Index.open(small_index)
+    index.add("images", codes_for(600, 5), _records(600, 5))
+    index.commit()
+    where = str(small_index)
+    segment = events.index(("fsync", f"{where}/seg-images-00000003.bin"))
+    directory = events.index(("fsync", where), segment)
+    manifest_data = next(
+        i for i, (op, path) in enumerate(events) if op == "fsync" and "/.index.json." in path
+    )
+    rename = events.index(("replace", f"{where}/index.json"))
+    assert segment < directory < manifest_data < rename, events
+    assert ("fsync", where) in events[rename:], events  # the rename itself made durable
+
+
+def test_reader_loading_during_a_compaction_keeps_removed_items_out(small_index, monkeypatch):
+    """A reader that loaded generation G's segments and read its tombstones only after a
+    compaction had deleted the dropped rows saw removed codes come back (and fewer than k
+    results). The reader is paused between the two while a compaction (its own Index, as in
+    another process) completes; it must still mask every removed item."""
+    reader = Index.open(small_index)
+    writer = Index.open(small_index)
+    gone = list(range(0, 600, 6))  # keys = image numbers; 100 of 600, under the compaction bar
+    writer.remove([f"img-{i}" for i in gone])
+    writer.commit()
+    compactor = Index.open(small_index)
+    paused, go = threading.Event(), threading.Event()
+    real = Index._tombstones
+
+    def tombstones(self, collection, manifest):
+        if self is reader:
+            paused.set()
+            assert go.wait(60)
+        return real(self, collection, manifest)
+
+    monkeypatch.setattr(Index, "_tombstones", tombstones)
+    loading = threading.Thread(target=reader.refresh)
+    loading.start()
+    try:
+        assert paused.wait(60)
+        compactor.compact()
+        (rows,) = compactor._db().execute("SELECT count(*) FROM items").fetchone()
+        assert rows == 500  # the removed rows are really deleted while the reader waits
+    finally:
+        go.set()
+        loading.join(60)
+    assert reader.generation == 3
+    assert not set(reader.collections["images"].keys.tolist()) & set(gone)
+    assert len(reader) == 500
+    assert len(reader.search_codes(codes_for(0, 1), k=500)[0]) == 500
+    assert reader.refresh() and reader.generation == 4 and len(reader) == 500
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["insert", "seal", "manifest", "sweep"])
+@pytest.mark.parametrize("kill_at", ["insert", "seal", "manifest", "rename", "sweep"])
 def test_killed_add_leaves_old_or_new_items(small_index, kill_at):
     """SIGKILL at any point of an add must leave an index that opens, passes the check and holds
-    the old items or all the new ones, never some; the next writer must clean up after it."""
+    the old items or all the new ones, never some; the next writer must clean up after it,
+    including the temporary manifest of a writer killed before its rename."""
     before = _ids(Index.open(small_index))
     proc = _writer(small_index, "add:600:120", kill_at)
     assert proc.wait(120) == -9
+    if kill_at == "rename":
+        assert list(small_index.glob(".index.json.*.tmp"))  # killed between write and rename
     index = Index.open(small_index)
     after = _ids(index)
     new = {f"img-{i}" for i in range(600, 720)}
@@ -334,6 +448,7 @@ def test_killed_add_leaves_old_or_new_items(small_index, kill_at):
         s["file"] for s in Index.open(small_index).manifest["collections"]["images"]["segments"]
     }
     assert {p.name for p in small_index.glob("seg-*")} == named  # no stray segments
+    assert not list(small_index.glob(".*.tmp"))  # no temporary files
 
 
 @pytest.mark.slow
@@ -359,13 +474,99 @@ def test_killed_compact_leaves_a_consistent_index(small_index, kill_at):
 
 
 @pytest.mark.slow
-def test_concurrent_writers_in_separate_processes_lose_nothing(small_index):
-    """Two writers at once must take turns, each adding to what the other committed."""
-    procs = [_writer(small_index, f"add:{start}:150") for start in (1000, 2000)]
-    assert [p.wait(180) for p in procs] == [0, 0]
-    ids = _ids(Index.open(small_index))
+def test_concurrent_writers_in_separate_processes_take_turns(small_index, tmp_path):
+    """Two writers at once must take turns, each adding to what the other committed. Writer A is
+    held inside its write, lock taken; B, started then, must wait (and say for whom) until A
+    commits: a lock that did not exclude would let B commit first or lose A's rows."""
+    flag = tmp_path / "release-a"
+    a = _writer(small_index, "add:1000:150", f"hold-lock:{flag}")
+    try:
+        _wait_held(flag, a)
+        b = _writer(small_index, "add:2000:150", stderr=subprocess.PIPE, text=True)
+        line = _stderr_line(b)
+        assert f"write.lock: waiting, held by pid {a.pid}" in line, line
+        assert b.poll() is None  # still waiting
+    finally:
+        flag.touch()
+    assert a.wait(180) == 0 and b.wait(180) == 0
+    index = Index.open(small_index)
+    assert [s["writer"] for s in index.manifest["sources"]] == ["add:1000:150", "add:2000:150"]
+    ids = _ids(index)
     assert {f"img-{i}" for i in [*range(1000, 1150), *range(2000, 2150)]} <= ids
     assert len(ids) == 900
+    check_index(small_index)
+
+
+@pytest.mark.slow
+def test_writer_gives_up_after_lock_timeout_naming_the_holder(small_index, tmp_path):
+    """`index remove` used to hang silently behind another writer; with a holder that never
+    lets go it must fail after --lock-timeout with one line naming the holder's pid and
+    command, exit status 2, and leave the index as it was."""
+    flag = tmp_path / "release"
+    a = _writer(small_index, "add:1000:150", f"hold-lock:{flag}")
+    try:
+        _wait_held(flag, a)
+        before = Index.open(small_index)
+        r = rshash_cli("index", "remove", small_index, "img-1", "--lock-timeout", "2")
+        after = Index.open(small_index)
+    finally:
+        flag.touch()
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert re.fullmatch(
+        rf"error: {re.escape(str(small_index))}/write\.lock: held by pid {a.pid} "
+        rf"\(\S*tests/index_writer\.py {re.escape(str(small_index))} add:1000:150 .*\) since "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; gave up after 2 s \(--lock-timeout\)",
+        lines[-1],
+    ), r.stderr
+    assert f"waiting, held by pid {a.pid}" in r.stderr  # said so while it waited
+    assert after.generation == before.generation and _ids(after) == _ids(before)
+    assert a.wait(120) == 0
+    assert "img-1" in _ids(Index.open(small_index))
+    check_index(small_index)
+
+
+@pytest.mark.slow
+def test_remove_completes_while_an_add_is_encoding(small_index, tmp_path):
+    """`index add` held the writer lock from its first encoded batch on, through hours of
+    encoding, so an `index remove` in another process hung. Paused in its encoding (images
+    done, captions not), the add must hold no lock: the remove goes through at once."""
+    data = make_caption_dataset(tmp_path / "more", per_class=2, classes=(0,))
+    flag = tmp_path / "release"
+    adder = _writer(small_index, f"archive:{data}", f"hold-encode:{flag}")
+    try:
+        _wait_held(flag, adder)
+        r = rshash_cli("index", "remove", small_index, "img-3", "--lock-timeout", "10")
+    finally:
+        flag.touch()
+    assert r.returncode == 0, r.stderr
+    assert "waiting" not in r.stderr
+    assert adder.wait(120) == 0
+    index = Index.open(small_index)
+    added = json.loads((data / "dataset.json").read_text())["images"]
+    assert "img-3" not in _ids(index) and len(index) == 601
+    assert {e["filename"] for e in added} <= _ids(index)
+    assert len(index.collections["captions"]) == 5 * len(added)
+    check_index(small_index)
+
+
+@pytest.mark.slow
+def test_two_adds_encode_at_once_without_touching_each_others_batches(small_index, tmp_path):
+    """Encoding no longer holds the lock, so two `index add`s encode at once; sharing one
+    INDEX.partial/ folder, each would delete or overwrite the other's saved batches. Add A is
+    paused in its encoding while add B runs from start to commit; A must then finish too."""
+    first = make_caption_dataset(tmp_path / "a", per_class=2, classes=(0,))
+    second = make_caption_dataset(tmp_path / "b", per_class=2, classes=(8,))
+    flag = tmp_path / "release"
+    a = _writer(small_index, f"archive:{first}", f"hold-encode:{flag}")
+    try:
+        _wait_held(flag, a)
+        assert _writer(small_index, f"archive:{second}").wait(120) == 0
+    finally:
+        flag.touch()
+    assert a.wait(120) == 0
+    assert len(Index.open(small_index)) == 604
+    assert not (small_index.parent / "index.partial").exists()
     check_index(small_index)
 
 

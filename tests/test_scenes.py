@@ -390,7 +390,8 @@ def test_resumed_build_with_other_bands_does_not_reuse_stale_codes(ucm_run, scen
         mp.setattr(build_module.CodeEncoder, "encode_images", killed_at_third_batch)
         with pytest.raises(KeyboardInterrupt):
             build_index(ucm_run, rgb, out, cfg, progress=False)
-    stale = np.concatenate([np.load(p) for p in sorted((tmp_path / "index.partial").glob("*.npy"))])
+    saved = sorted((tmp_path / "index.partial").glob("*/*.npy"))
+    stale = np.concatenate([np.load(p) for p in saved])
     assert len(stale) == 8
 
     resumed = build_index(ucm_run, bgr, out, cfg, progress=False)

@@ -1,20 +1,24 @@
-"""Encode an archive into an index in one streamed pass: batched, with progress, resumable.
+"""Encode an archive into an index in two streamed passes: batched, with progress, resumable.
 
 The archive is any image source (`ImageSource`: `rshash.data.Dataset`, or the scene tiles of a
-GeoTIFF). Images go through the run's image encoder (plain view) and image hash network batch by
-batch, and each batch goes straight into the index with its records, so memory stays flat however
-large the archive. Each finished batch of codes is also saved in `INDEX.partial/`, so a killed
-build resumes at the first missing batch. Captions, when the archive has them, go through the
-text side the same way. Only when everything is encoded is the index committed (`Index.commit`).
+GeoTIFF). First every batch of images goes through the run's image encoder (plain view) and
+image hash network, and captions, when the archive has them, through the text side; each
+batch's codes are saved in `INDEX.partial/<job>/`, so a killed build resumes at the first
+missing batch. This takes no lock: other writers (`index remove`, another `index add`) go on
+meanwhile. Then, under the writer lock, the saved batches go into the index one at a time with
+their records (memory stays flat however large the archive) and the index is committed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,12 +30,16 @@ from tqdm import tqdm
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.features.store import FeatureStore
-from rshash.fileio import atomic_path, write_json_atomic
+from rshash.fileio import atomic_path
 from rshash.index.encoder import CodeEncoder
+from rshash.index.engines import make_engine
 from rshash.index.index import Index, model_fingerprint
 from rshash.index.packing import pack_codes
+from rshash.index.store import LOCK_TIMEOUT_S, MANIFEST
+from rshash.training.run import HashRun
 
 T = TypeVar("T")
+JOB_LOCK = "job.lock"  # held by the process encoding into a job folder
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class BuildConfig:
     text_batch: int = 256
     workers: int = 4
     device: str = "auto"
+    lock_timeout_s: float = LOCK_TIMEOUT_S  # longest wait for another writer's lock
 
 
 # Record fields that name files, pixels or places: set by the archive's reader, never by
@@ -101,23 +110,81 @@ def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def _saved(work: Path, prefix: str, b: int, encode: Callable[[], np.ndarray]) -> np.ndarray:
-    """Batch b's codes from `work/PREFIX-b.npy`, or encoded and saved there."""
+def _saved(work: Path, prefix: str, b: int, encode: Callable[[], np.ndarray]) -> None:
+    """Encode batch b into `work/PREFIX-b.npy` unless a previous run saved it there."""
     path = work / f"{prefix}-{b:06d}.npy"
     if path.exists():
-        return np.load(path)
+        return
     codes = encode()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, codes)
-    return codes
 
 
-def _prepare_work(work: Path, key: str) -> None:
-    job = work / "job.json"
-    if work.exists() and not (job.exists() and json.loads(job.read_text()).get("key") == key):
-        shutil.rmtree(work)  # another job's leftovers
-    work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job, {"key": key})
+def _batch(work: Path, prefix: str, b: int) -> np.ndarray:
+    return np.load(work / f"{prefix}-{b:06d}.npy")
+
+
+@contextmanager
+def _job_dir(root: Path, key: str) -> Iterator[Path]:
+    """This job's folder of saved batches, `root/KEY`, held (flock) while the job runs.
+
+    Kept when the job fails, so a rerun of the same job resumes from it; removed when it
+    succeeds. Other jobs' folders go unless a live job holds them (several writers may encode
+    into one index at once, each in its own folder).
+    """
+    work = root / key[:32]
+    fd = _claim(work)
+    try:
+        for other in root.iterdir():
+            if other != work:
+                _remove_if_dead(other)
+        yield work
+        shutil.rmtree(work, ignore_errors=True)
+        with suppress(OSError):
+            root.rmdir()  # unless another job's folder is in it
+    finally:
+        os.close(fd)
+
+
+def _claim(work: Path) -> int:
+    """An fd holding the flock of `work/job.lock` (another job's cleanup may race the open)."""
+    for _ in range(3):
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(work / JOB_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            continue  # the folder was just removed as a dead job's: make it again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RshashError(
+                f"{work}: another process is encoding the same archive for this index"
+            ) from None
+        with suppress(FileNotFoundError):
+            if os.stat(work / JOB_LOCK).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
+    raise RshashError(f"{work}: could not claim the folder of saved batches")
+
+
+def _remove_if_dead(path: Path) -> None:
+    """Remove another job's folder (or an older layout's file) unless a live job holds it."""
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    try:
+        fd = os.open(path / JOB_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(path, ignore_errors=True)
+    except BlockingIOError:
+        pass  # a live job's
+    finally:
+        os.close(fd)
 
 
 def _job_key(ds: ImageSource, cfg: BuildConfig, encoder: CodeEncoder, features: bool) -> str:
@@ -132,23 +199,20 @@ def _job_key(ds: ImageSource, cfg: BuildConfig, encoder: CodeEncoder, features: 
     return h.hexdigest()
 
 
-def stream_archive(
-    index: Index,
+def encode_archive(
+    encoder: CodeEncoder,
     ds: ImageSource,
     work: Path,
     cfg: BuildConfig,
     store: FeatureStore | None = None,
-    extra: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> None:
-    """Encode every image and caption of `ds` batch by batch into `index` (not committed).
+    """Encode every image and caption of `ds` batch by batch into `work/` (no index involved).
 
     With `store`, features come from that feature store (same images, same encoders) instead of
-    being computed from the images.
+    being computed from the images. Batches saved by an earlier, killed run are kept.
     """
-    encoder, run = index.encoder, index.encoder.run
-    _prepare_work(work, _job_key(ds, cfg, encoder, store is not None))
-    n_texts = sum(len(c) for c in ds.captions)
+    run = encoder.run
 
     def images(start: int, stop: int) -> np.ndarray:
         if store is not None:
@@ -161,18 +225,42 @@ def stream_archive(
             return pack_codes(run.encode_texts(store.text["plain"][start : start + len(batch)]))
         return encoder.encode_texts([r["text"] for r in batch])
 
-    with tqdm(total=len(ds) + n_texts, desc="index", unit="item", disable=not progress) as bar:
+    with _bar(ds, "encode", progress) as bar:
         for b, start in enumerate(range(0, len(ds), cfg.image_batch)):
             stop = min(start + cfg.image_batch, len(ds))
-            codes = _saved(work, "images", b, partial(images, start, stop))
-            index.add("images", codes, [image_record(ds, i, extra) for i in range(start, stop)])
+            _saved(work, "images", b, partial(images, start, stop))
             bar.update(stop - start)
         start = 0
         for b, batch in enumerate(_batches(_caption_rows(ds), cfg.text_batch)):
-            codes = _saved(work, "captions", b, partial(texts, start, batch))
-            index.add("captions", codes, batch)
+            _saved(work, "captions", b, partial(texts, start, batch))
             start += len(batch)
             bar.update(len(batch))
+
+
+def ingest_archive(
+    index: Index,
+    ds: ImageSource,
+    work: Path,
+    cfg: BuildConfig,
+    extra: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> None:
+    """Add the batches `encode_archive` saved in `work/` to `index`, one at a time (not
+    committed); the first takes the writer lock."""
+    with _bar(ds, "index", progress) as bar:
+        for b, start in enumerate(range(0, len(ds), cfg.image_batch)):
+            stop = min(start + cfg.image_batch, len(ds))
+            records = [image_record(ds, i, extra) for i in range(start, stop)]
+            index.add("images", _batch(work, "images", b), records)
+            bar.update(stop - start)
+        for b, batch in enumerate(_batches(_caption_rows(ds), cfg.text_batch)):
+            index.add("captions", _batch(work, "captions", b), batch)
+            bar.update(len(batch))
+
+
+def _bar(ds: ImageSource, desc: str, progress: bool) -> tqdm:
+    total = len(ds) + sum(len(c) for c in ds.captions)
+    return tqdm(total=total, desc=desc, unit="item", disable=not progress)
 
 
 def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder) -> FeatureStore:
@@ -183,23 +271,20 @@ def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder)
     return store
 
 
-def _add_archive(
+def _commit_archive(
     index: Index,
     ds: ImageSource,
-    cfg: BuildConfig,
     work: Path,
-    features: str | Path | None,
+    cfg: BuildConfig,
     extra: dict[str, dict[str, Any]] | None,
     progress: bool,
-) -> int:
-    store = _matching_store(features, ds, index.encoder) if features else None
+) -> None:
+    """Ingest the saved batches under the writer lock and commit them as one generation."""
     try:
-        stream_archive(index, ds, work, cfg, store, extra, progress)
+        ingest_archive(index, ds, work, cfg, extra, progress)
         index.commit(source_entry(ds, images=len(ds)))
     finally:
         index.close()
-    shutil.rmtree(work, ignore_errors=True)
-    return len(ds)
 
 
 def build_index(
@@ -211,12 +296,27 @@ def build_index(
     extra: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> Index:
-    """Encode `ds` with the run's model into a new index at `out`."""
+    """Encode `ds` with the run's model into a new index at `out`.
+
+    The encoding (hours for a large archive) runs before the index exists and without the
+    writer lock; the lock is held only to write the encoded batches and commit.
+    """
     cfg = cfg or BuildConfig()
     check_extra_fields(extra or {})
     out = Path(out)
-    index = Index.create(out, run_dir, cfg.engine, cfg.engine_params, cfg.device)
-    _add_archive(index, ds, cfg, out.with_name(out.name + ".partial"), features, extra, progress)
+    if (out / MANIFEST).exists():
+        raise RshashError(f"{out}: an index already exists here (use `rshash index add`)")
+    run = HashRun.open(run_dir)
+    make_engine(cfg.engine, run.bits, cfg.engine_params)  # a bad engine fails before encoding
+    encoder = CodeEncoder(run, cfg.device)
+    store = _matching_store(features, ds, encoder) if features else None
+    key = _job_key(ds, cfg, encoder, store is not None)
+    with _job_dir(out.with_name(out.name + ".partial"), key) as work:
+        encode_archive(encoder, ds, work, cfg, store, progress)
+        index = Index.create(
+            out, run_dir, cfg.engine, cfg.engine_params, cfg.device, cfg.lock_timeout_s
+        )
+        _commit_archive(index, ds, work, cfg, extra, progress)
     return index
 
 
@@ -228,12 +328,21 @@ def add_to_index(
     extra: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> tuple[Index, int]:
-    """Encode `ds` with the index's own model and add it; returns the index and images added."""
+    """Encode `ds` with the index's own model and add it; returns the index and images added.
+
+    As in `build_index`, only writing the encoded batches and the commit hold the lock.
+    """
     cfg = cfg or BuildConfig()
     check_extra_fields(extra or {})
-    index = Index.open(index_path, device=cfg.device)
-    work = Path(index_path).with_name(Path(index_path).name + ".partial")
-    return index, _add_archive(index, ds, cfg, work, features, extra, progress)
+    index = Index.open(index_path, device=cfg.device, lock_timeout_s=cfg.lock_timeout_s)
+    index._check_new_ids("images", [{"id": i} for i in ds.image_ids])  # fail before encoding
+    store = _matching_store(features, ds, index.encoder) if features else None
+    key = _job_key(ds, cfg, index.encoder, store is not None)
+    work_root = Path(index_path).with_name(Path(index_path).name + ".partial")
+    with _job_dir(work_root, key) as work:
+        encode_archive(index.encoder, ds, work, cfg, store, progress)
+        _commit_archive(index, ds, work, cfg, extra, progress)
+    return index, len(ds)
 
 
 def read_extra_fields(path: str | Path | None, ids: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -12,10 +12,13 @@ Layout of INDEX/ (see `store` for the file formats):
 
 A change (add, remove) takes the writer lock, writes the new codes to the next generation's
 segment and the records into one SQLite transaction, then `commit()` syncs the segment, commits
-the transaction and atomically replaces `index.json`. Readers load the manifest's generation
+the transaction and atomically replaces `index.json`, syncing files and directory so that a
+committed generation survives a power loss. A writer waits for the lock at most `lock_timeout_s`
+(default 60 s), then fails naming the holder. Readers load the manifest's generation
 only (rows added later are invisible to them, rows removed later still visible), so they see the
 old or the new state, never a mix; `refresh()` moves them to the newest. A writer that dies
-leaves rows and files of a generation no manifest names: the next writer deletes them first.
+leaves rows and files of a generation no manifest names, and temporary files: the next writer
+deletes them first.
 Removed items stay in their segments as tombstones (a mask during search) until `compact()`.
 """
 
@@ -36,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from rshash.errors import RshashError
-from rshash.fileio import write_json_atomic
+from rshash.fileio import fsync_dir, fsync_file, write_bytes_durable, write_json_atomic
 from rshash.index import store
 from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.engines import Engine, Hits, make_engine
@@ -105,6 +108,10 @@ class _State:
 
     manifest: dict[str, Any]
     collections: dict[str, Collection] = field(default_factory=dict)
+
+
+class _Superseded(Exception):
+    """A newer manifest replaced the one being loaded (its tombstones may be gone)."""
 
 
 @dataclass
@@ -188,13 +195,18 @@ class Index(Searcher):
     """A searchable archive. `Index.open(path).search_text("a river", k=20)`."""
 
     def __init__(
-        self, path: Path, manifest: dict[str, Any], run: HashRun, device: str = "auto"
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        run: HashRun,
+        device: str = "auto",
+        lock_timeout_s: float = store.LOCK_TIMEOUT_S,
     ) -> None:
         self.path = path
         self.run = run
         self.encoder = CodeEncoder(run, device)
         self._state = _State(manifest)
-        self._lock = store.WriteLock(path)
+        self._lock = store.WriteLock(path, lock_timeout_s)
         self._local = threading.local()
         self._pending: _Pending | None = None
         self._filters: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
@@ -239,8 +251,12 @@ class Index(Searcher):
         engine: str = "exact",
         engine_params: dict[str, Any] | None = None,
         device: str = "auto",
+        lock_timeout_s: float = store.LOCK_TIMEOUT_S,
     ) -> Index:
-        """A new, empty index for `run_dir`'s model; holds the writer lock until `commit()`."""
+        """A new, empty index for `run_dir`'s model; holds the writer lock until `commit()`.
+
+        Waits at most `lock_timeout_s` for another writer's lock (RshashError naming it).
+        """
         path, run_dir = Path(path), Path(run_dir)
         if (path / MANIFEST).exists():
             raise RshashError(f"{path}: an index already exists here (use `rshash index add`)")
@@ -264,13 +280,14 @@ class Index(Searcher):
             "sources": [],
         }
         path.mkdir(parents=True, exist_ok=True)
-        index = cls(path, manifest, run, device)
+        index = cls(path, manifest, run, device, lock_timeout_s)
         index._lock.acquire()
         if (path / MANIFEST).exists():
             index._lock.release()
             raise RshashError(f"{path}: an index already exists here (use `rshash index add`)")
         for stale in [*path.glob(f"{store.RECORDS}*"), *path.glob("seg-*"), *path.glob("engine-*")]:
             stale.unlink()  # left by a create that died before its first commit
+        index._sweep_temp()
         store.init_db(index._db())
         model_dir = path / "model"
         if not (model_dir / MODEL).exists():
@@ -279,17 +296,26 @@ class Index(Searcher):
             tmp.mkdir()
             for name in (*MODEL_FILES, "config.json", "split.json"):
                 shutil.copy2(run_dir / name, tmp / name)
+                fsync_file(tmp / name)
+            fsync_dir(tmp)
             shutil.rmtree(model_dir, ignore_errors=True)
-            tmp.rename(model_dir)
+            tmp.rename(model_dir)  # made durable by the first commit's directory sync
         index.run = HashRun.open(model_dir)
         index.encoder = CodeEncoder(index.run, device)
         return index
 
     @classmethod
     def open(
-        cls, path: str | Path, expect_model: str | Path | None = None, device: str = "auto"
+        cls,
+        path: str | Path,
+        expect_model: str | Path | None = None,
+        device: str = "auto",
+        lock_timeout_s: float = store.LOCK_TIMEOUT_S,
     ) -> Index:
-        """Open an index; with `expect_model` (a run directory), refuse one built by another."""
+        """Open an index; with `expect_model` (a run directory), refuse one built by another.
+
+        A change waits at most `lock_timeout_s` for another writer's lock.
+        """
         path = Path(path)
         manifest = store.read_manifest(path)
         if expect_model is not None:
@@ -299,7 +325,7 @@ class Index(Searcher):
                     f"{path}: index was built with the model of {manifest['model']['source_run']}"
                     f", not with {expect_model}; rebuild it or use that model"
                 )
-        index = cls(path, manifest, HashRun.open(path / "model"), device)
+        index = cls(path, manifest, HashRun.open(path / "model"), device, lock_timeout_s)
         index._state = index._load_newest(manifest)
         return index
 
@@ -312,12 +338,28 @@ class Index(Searcher):
         for _ in range(OPEN_TRIES):
             try:
                 return self._load(manifest)
-            except FileNotFoundError:
+            except (FileNotFoundError, _Superseded):
                 manifest = store.read_manifest(self.path)
         return self._load(manifest)
 
     def _load(self, manifest: dict[str, Any]) -> _State:
-        """Codes of every segment of `manifest`'s generation, less its tombstones."""
+        """Codes of every segment of `manifest`'s generation, less its tombstones.
+
+        The tombstones are read in a SQLite snapshot pinned while `manifest` was still the
+        newest: compaction replaces the manifest before it deletes the rows it dropped, so that
+        snapshot still holds them (read later, removed codes would come back).
+        """
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            db.execute("SELECT count(*) FROM items WHERE rid = -1").fetchone()  # pins a snapshot
+            if store.read_manifest(self.path)["generation"] != manifest["generation"]:
+                raise _Superseded
+            return self._load_pinned(manifest)
+        finally:
+            db.execute("COMMIT")
+
+    def _load_pinned(self, manifest: dict[str, Any]) -> _State:
         state = _State(manifest)
         width = code_bytes(manifest["bits"])
         for name, info in manifest["collections"].items():
@@ -415,11 +457,23 @@ class Index(Searcher):
         db.execute("DELETE FROM items WHERE gen_removed <= ?", (done,))
 
     def _sweep(self, manifest: dict[str, Any]) -> None:
-        """Delete segment and engine files that `manifest` does not name."""
+        """Delete segment and engine files that `manifest` does not name, and temporary files.
+
+        Called with the writer lock held, so no live writer's file goes.
+        """
         keep = {s["file"] for info in manifest["collections"].values() for s in info["segments"]}
         keep |= {info["state"] for info in manifest["collections"].values() if info.get("state")}
         for f in [*self.path.glob("seg-*"), *self.path.glob("engine-*")]:
             if f.name not in keep:
+                f.unlink(missing_ok=True)
+        self._sweep_temp()
+
+    def _sweep_temp(self) -> None:
+        """Delete what a killed writer left of atomic writes (`.NAME.XXXX.tmp`, `.model.tmp`)."""
+        for f in self.path.glob(".*.tmp"):
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
                 f.unlink(missing_ok=True)
 
     def _abort(self) -> None:
@@ -580,11 +634,11 @@ class Index(Searcher):
                 state = col.engine.state()
                 if state is not None:
                     info["state"] = f"engine-{name}-{pending.gen:08d}.bin"
-                    with open(self.path / info["state"], "wb") as f:
-                        f.write(state)
+                    write_bytes_durable(self.path / info["state"], state)
                 manifest["collections"][name] = info
                 self.collections[name] = col
             manifest.update(generation=pending.gen, updated=time.time(), provenance=provenance())
+            fsync_dir(self.path)  # the new segment and engine files' names
             db.execute("COMMIT")
             write_json_atomic(self.path / MANIFEST, manifest)
         except BaseException:
@@ -663,11 +717,12 @@ class Index(Searcher):
                 if state is not None:
                     new["state"] = f"engine-{name}-{gen:08d}.bin"
                     written.append(self.path / new["state"])
-                    (self.path / new["state"]).write_bytes(state)
+                    write_bytes_durable(self.path / new["state"], state)
                 dropped[name] = int(info["tombstones"])
                 manifest["collections"][name] = new
                 collections[name] = Collection(name, engine, col.report)
             manifest.update(generation=gen, compacted=self.generation, updated=time.time())
+            fsync_dir(self.path)
             write_json_atomic(self.path / MANIFEST, manifest)
         except BaseException:
             self._pending = None

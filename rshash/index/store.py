@@ -12,6 +12,7 @@
   pairs in key order; append-only, never rewritten, deleted only by compaction.
 - `index.json`: the manifest, replaced atomically; it names the generation and its segments.
 - `write.lock`: writers hold an exclusive `flock` on it; the kernel drops it when a writer dies.
+  The holder writes its pid, command line and start time into it (for waiters' messages).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import sqlite3
+import sys
+import time
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,11 +235,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-class WriteLock:
-    """An exclusive `flock` on INDEX/write.lock: writers take turns; a killed one lets go."""
+LOCK_TIMEOUT_S = 60.0  # default longest wait for the writer lock
+LOCK_POLL_S = 0.05  # how often a waiter tries the lock again
+LOCK_NOTICE_S = 1.0  # a waiter says who holds the lock once it has waited this long
+HOLDER_MAX = 4096  # bytes of holder information read from the lock file
 
-    def __init__(self, path: Path) -> None:
+
+class WriteLock:
+    """An exclusive `flock` on INDEX/write.lock: writers take turns; a killed one lets go.
+
+    The kernel's flock is the lock; the holder also writes its pid, command line and start time
+    into the file so that a waiter can say who it waits for. A dead holder's flock is released
+    by the kernel, so its stale information is only ever shown while a live writer holds the
+    lock (at worst in the instant before that writer has replaced it).
+    """
+
+    def __init__(self, path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> None:
         self.path = path / LOCK
+        self.timeout_s = timeout_s
         self.fd: int | None = None
 
     @property
@@ -242,13 +260,49 @@ class WriteLock:
         return self.fd is not None
 
     def acquire(self) -> None:
-        if self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self.fd = fd
+        """Take the lock, polling until `timeout_s` has passed; then fail naming the holder."""
+        if self.fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited >= self.timeout_s:
+                    os.close(fd)
+                    raise RshashError(
+                        f"{self.path}: {self.holder()}; gave up after {self.timeout_s:g} s"
+                        " (--lock-timeout)"
+                    ) from None
+                if not told and waited >= LOCK_NOTICE_S:
+                    print(f"{self.path}: waiting, {self.holder()}", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(min(LOCK_POLL_S, max(self.timeout_s - waited, 0)))
+        self.fd = fd
+        info = {"pid": os.getpid(), "command": shlex.join(sys.argv)[:1000], "since": time.time()}
+        data = json.dumps(info).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+
+    def holder(self) -> str:
+        """Who holds the lock, from what the holder wrote into the lock file."""
+        try:
+            with open(self.path, "rb") as f:
+                info = json.loads(f.read(HOLDER_MAX))
+            since = datetime.fromtimestamp(float(info["since"]), UTC)
+            return (
+                f"held by pid {int(info['pid'])} ({str(info['command'])[:200]})"
+                f" since {since:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        except (OSError, ValueError, TypeError, KeyError):  # being rewritten, or an old writer
+            return "held by another writer"
 
     def release(self) -> None:
         if self.fd is not None:
+            os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
