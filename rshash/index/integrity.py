@@ -53,10 +53,11 @@ def _obj(file: Path, field: str, value: Any, kind: type = dict) -> Any:
     return value
 
 
-def _name(file: Path, field: str, value: Any, pattern: str) -> str:
-    """A file name the manifest gives: plain (no folder) and of the expected pattern."""
-    if not isinstance(value, str) or not re.fullmatch(pattern, value):
-        raise _fail(f"{file}", f"{field}: expected a file name {pattern!r}, got {value!r}")
+def _name(file: Path, field: str, value: Any, prefix: str) -> str:
+    """A file name the manifest gives: `prefix`-NNNNNNNN.bin, plain (it cannot leave INDEX/)."""
+    if not isinstance(value, str) or not re.fullmatch(rf"{prefix}-\d{{8}}\.bin", value):
+        expected = f"expected a file name {prefix}-NNNNNNNN.bin"
+        raise _fail(f"{file}", f"{field}: {expected}, got {value!r}")
     return value
 
 
@@ -87,11 +88,11 @@ def _check_collection(file: Path, where: str, name: str, info: dict[str, Any]) -
     _int(file, f"{where}.next_key", info.get("next_key"), 0, KEY_MASK + 1)
     _obj(file, f"{where}.report", info.get("report", {}))
     if info.get("state") is not None:
-        _name(file, f"{where}.state", info["state"], rf"engine-{name}-\d{{8}}\.bin")
+        _name(file, f"{where}.state", info["state"], f"engine-{name}")
     for i, seg in enumerate(_obj(file, f"{where}.segments", info.get("segments"), list)):
         at = f"{where}.segments[{i}]"
         _obj(file, at, seg)
-        _name(file, f"{at}.file", seg.get("file"), rf"seg-{name}-\d{{8}}\.bin")
+        _name(file, f"{at}.file", seg.get("file"), f"seg-{name}")
         _int(file, f"{at}.count", seg.get("count"))
         if "crc32" in seg:
             _int(file, f"{at}.crc32", seg["crc32"], 0, 0xFFFFFFFF)

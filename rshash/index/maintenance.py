@@ -86,21 +86,25 @@ def _inspect(path: Path) -> CheckReport:
     except RshashError as exc:
         report.damage.append(str(exc))
         return report
-    for check in (integrity.check_model, integrity.load_model, integrity.check_records):
-        try:
-            check(path)
-        except RshashError as exc:
-            report.damage.append(str(exc))
+    try:
+        integrity.check_model(path)
+        integrity.load_model(path)
+    except RshashError as exc:
+        report.damage.append(str(exc))
     segments_ok = _check_segments(path, manifest, report)
     _check_leftover_files(path, manifest, report)
-    if (path / store.RECORDS).is_file() and not any(store.RECORDS in d for d in report.damage):
-        db = store.connect(path, write=False)
-        try:
-            _check_records(path, db, manifest, report, segments_ok)
-        except sqlite3.DatabaseError as exc:
-            report.damage.append(f"{path / store.RECORDS}: unreadable ({exc}; {DAMAGED})")
-        finally:
-            db.close()
+    try:
+        integrity.check_records(path)
+    except RshashError as exc:
+        report.damage.append(str(exc))
+        return report
+    db = store.connect(path, write=False)
+    try:
+        _check_records(path, db, manifest, report, segments_ok)
+    except sqlite3.DatabaseError as exc:
+        report.damage.append(f"{path / store.RECORDS}: unreadable ({exc}; {DAMAGED})")
+    finally:
+        db.close()
     return report
 
 
@@ -224,7 +228,8 @@ def _keys(db: Any, sql: str) -> np.ndarray:
 
 def _repair(path: Path, found: CheckReport) -> list[str]:
     """Fix what loses no data, under the writer lock: dead writers' rows and files, missing
-    checksums, stale counts. Damage (missing or corrupt files) is left as it is."""
+    checksums, stale counts. Damage (missing or corrupt files) is left as it is, and with
+    damage the manifest is not rewritten."""
     lock = store.WriteLock(path)
     lock.acquire()
     try:
@@ -233,10 +238,12 @@ def _repair(path: Path, found: CheckReport) -> list[str]:
         for f in _orphans(path, manifest):
             f.unlink(missing_ok=True)
             done.append(f"{f}: deleted (not part of the index)")
-        changed = _record_checksums(path, manifest, done)
-        if found.fixable and not found.damage:
-            changed |= _recount(path, manifest, done)
-        if changed:
+        changed = False
+        if not found.damage:  # the manifest is rewritten only for an otherwise sound index
+            changed = _record_checksums(path, manifest, done)
+            changed |= bool(found.fixable) and _recount(path, manifest, done)
+        if changed:  # a new generation, so that writers and readers reload it
+            manifest["generation"] += 1
             write_json_atomic(path / MANIFEST, manifest)
     finally:
         lock.release()
