@@ -452,7 +452,8 @@ def index_check(
 
     report = inspect_index(index, repair=repair)
     for name, counts in report.collections.items():
-        typer.echo(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        state = "ok, " if report.clean else ""
+        typer.echo(f"{name}: {state}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for kind, lines in (
         ("repaired", report.repaired),
         ("note", report.leftovers),

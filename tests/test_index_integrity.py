@@ -300,7 +300,7 @@ def test_index_on_read_only_storage_opens_serves_and_stays_byte_identical(index_
 def test_check_passes_a_clean_index(index_dir):
     r = rshash_cli("index", "check", index_dir)
     assert r.returncode == 0, r.stderr
-    assert "images: items 599, tombstones 1, segments 2, pending_rollback 0" in r.stdout
+    assert "images: ok, items 599, tombstones 1, segments 2, pending_rollback 0" in r.stdout
     assert r.stdout.strip().endswith(": ok") and "note:" not in r.stdout
 
 
