@@ -212,10 +212,17 @@ def test_segments_record_checksums_at_commit_and_compaction(index_dir):
     assert len(Index.open(index_dir)) == 599
 
 
-def test_verify_off_still_checks_files(index_dir):
-    """`verify=False` skips the checksum pass only: sizes and presence are still checked."""
+def test_verify_off_still_checks_files(index_dir, monkeypatch):
+    """`verify=False` (the default past VERIFY_UP_TO codes) skips the checksum pass only:
+    sizes and presence are still checked, and `verify=True` always checksums."""
+    from rshash.index import integrity
+
     _flip_code_byte(index_dir)
     assert len(Index.open(index_dir, verify=False)) == 599
+    monkeypatch.setattr(integrity, "VERIFY_UP_TO", 500)
+    assert len(Index.open(index_dir)) == 599
+    with pytest.raises(RshashError, match=f"{SEG1}: checksum mismatch"):
+        Index.open(index_dir, verify=True)
     os.truncate(index_dir / SEG1, 10)
     with pytest.raises(RshashError, match=f"{SEG1}: 10 bytes"):
         Index.open(index_dir, verify=False)
@@ -297,6 +304,7 @@ def test_index_on_read_only_storage_opens_serves_and_stays_byte_identical(index_
 
 
 def test_check_passes_a_clean_index(index_dir):
+    """A check that flagged sound indexes (checksums, tombstones, two segments) would cry wolf."""
     r = rshash_cli("index", "check", index_dir)
     assert r.returncode == 0, r.stderr
     assert "images: ok, items 599, tombstones 1, segments 2, pending_rollback 0" in r.stdout
@@ -339,6 +347,7 @@ def test_check_repair_records_checksums_of_an_old_index(index_dir):
 
 
 def test_check_repair_fixes_a_stale_count(index_dir):
+    """A manifest count that disagrees with the records is reported (exit 2) and recounted."""
     _edit_manifest(index_dir, lambda m: m["collections"]["images"].update(count=5))
     r = rshash_cli("index", "check", index_dir)
     assert r.returncode == 2 and "manifest says 5 and 1" in r.stdout, r.stdout

@@ -297,12 +297,13 @@ class Index(Searcher):
         path: str | Path,
         expect_model: str | Path | None = None,
         device: str = "auto",
-        verify: bool = True,
+        verify: bool | None = None,
     ) -> Index:
         """Open an index; with `expect_model` (a run directory), refuse one built by another.
 
         Missing or damaged files fail here, in one line (see `integrity`); `verify` also
-        checks every segment's checksum and key order (one more read of the codes).
+        checks every segment's checksum and key order (one more read of the codes); by
+        default only indexes of up to `integrity.VERIFY_UP_TO` codes, where it is cheap.
         """
         path = Path(path)
         manifest = integrity.open_manifest(path, verify)
