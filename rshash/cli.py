@@ -474,12 +474,30 @@ def index_compact(
 
 
 @index_app.command("check")
-def index_check(index: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
-    """Check that every code has a record and vice versa and counts match the manifest."""
-    from rshash.index.maintenance import check_index
+def index_check(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Fix what loses no data (dead writers' leftovers).")
+    ] = False,
+) -> None:
+    """Verify checksums, files, and that every code has a record and counts match."""
+    from rshash.index.maintenance import inspect_index
 
-    for name, counts in check_index(index).items():
-        typer.echo(f"{name}: ok, " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    report = inspect_index(index, repair=repair)
+    for name, counts in report.collections.items():
+        state = "ok, " if report.clean else ""
+        typer.echo(f"{name}: {state}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for kind, lines in (
+        ("repaired", report.repaired),
+        ("note", report.leftovers),
+        ("problem", report.fixable + report.damage),
+    ):
+        for line in lines:
+            typer.echo(f"{kind}: {line}")
+    if not report.clean:
+        n = len(report.fixable) + len(report.damage)
+        raise RshashError(f"{index}: {n} problem{'s' * (n > 1)} found (listed above)")
+    typer.echo(f"{index}: ok")
 
 
 @index_app.command("upgrade")

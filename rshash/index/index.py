@@ -40,7 +40,7 @@ from PIL import Image
 
 from rshash.errors import RshashError
 from rshash.fileio import fsync_dir, fsync_file, write_bytes_durable, write_json_atomic
-from rshash.index import store
+from rshash.index import integrity, store
 from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.engines import Engine, Hits, make_engine
 from rshash.index.filters import check_bbox, compile_bbox, compile_where
@@ -237,8 +237,11 @@ class Index(Searcher):
     def _db(self) -> sqlite3.Connection:
         """This thread's connection to the records (SQLite connections are not shared)."""
         db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = store.connect(self.path)
+        if db is None or (self._lock.held and not self._local.write):
+            if db is not None:
+                db.close()  # a reader's, read-only: this index now writes
+            db = self._local.db = store.connect(self.path, write=self._lock.held)
+            self._local.write = self._lock.held
         return db
 
     # --- creating and opening -------------------------------------------------------------
@@ -311,13 +314,17 @@ class Index(Searcher):
         expect_model: str | Path | None = None,
         device: str = "auto",
         lock_timeout_s: float = store.LOCK_TIMEOUT_S,
+        verify: bool | None = None,
     ) -> Index:
         """Open an index; with `expect_model` (a run directory), refuse one built by another.
 
-        A change waits at most `lock_timeout_s` for another writer's lock.
+        A change waits at most `lock_timeout_s` for another writer's lock. Missing or damaged
+        files fail here, in one line (see `integrity`); `verify` also checks every segment's
+        checksum and key order (one more read of the codes); by default only indexes of up to
+        `integrity.VERIFY_UP_TO` codes, where it is cheap.
         """
         path = Path(path)
-        manifest = store.read_manifest(path)
+        manifest = integrity.open_manifest(path, verify)
         if expect_model is not None:
             other = model_fingerprint(Path(expect_model))
             if other != manifest["model"]["fingerprint"]:
@@ -325,7 +332,7 @@ class Index(Searcher):
                     f"{path}: index was built with the model of {manifest['model']['source_run']}"
                     f", not with {expect_model}; rebuild it or use that model"
                 )
-        index = cls(path, manifest, HashRun.open(path / "model"), device, lock_timeout_s)
+        index = cls(path, manifest, integrity.load_model(path), device, lock_timeout_s)
         index._state = index._load_newest(manifest)
         return index
 
@@ -625,7 +632,7 @@ class Index(Searcher):
                     del rows
                     info["segments"] = [
                         *info["segments"],
-                        {"file": seg.path.name, "count": seg.count},
+                        {"file": seg.path.name, "count": seg.count, "crc32": seg.crc32},
                     ]
                 info["next_key"] = pending.next_key[name]
                 if removed is not None:
@@ -710,7 +717,7 @@ class Index(Searcher):
                     engine = col.engine
                 new = {
                     **info,
-                    "segments": [{"file": seg.path.name, "count": seg.count}],
+                    "segments": [{"file": seg.path.name, "count": seg.count, "crc32": seg.crc32}],
                     "tombstones": 0,
                     "count": engine.ntotal,
                 }

@@ -1,9 +1,11 @@
-"""Index upkeep: the consistency check, and the upgrade of older indexes and runs."""
+"""Index upkeep: the consistency check and repair, and the upgrade of older indexes and runs."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,12 @@ import numpy as np
 
 from rshash.errors import RshashError
 from rshash.fileio import fsync_dir, write_json_atomic
-from rshash.index import store
+from rshash.index import integrity, store
 from rshash.index.index import Index
-from rshash.index.packing import code_bytes
+from rshash.index.integrity import REPAIR
 from rshash.index.store import (
     COLLECTIONS,
+    DAMAGED,
     KEY,
     MANIFEST,
     OLD_FORMAT,
@@ -26,69 +29,310 @@ from rshash.index.store import (
 from rshash.models.model_file import convert_legacy_model, model_fingerprint
 
 
-def check_index(path: str | Path) -> dict[str, dict[str, int]]:
-    """Check that every live code has a record and vice versa, and counts match the manifest.
+@dataclass
+class CheckReport:
+    """What `inspect_index` found: counts per collection and findings, one line each.
 
-    Reads the manifest's generation, as a reader would; rows a dead writer left past it are
-    counted (`pending_rollback`), not errors: the next writer deletes them. Raises RshashError
-    naming the first inconsistency; returns per collection the counts it checked.
+    `damage` cannot be repaired here (restore or rebuild); `fixable` makes the index
+    inconsistent and `--repair` fixes it; `leftovers` are harmless remains of dead writers or
+    older versions that `--repair` removes or completes; `repaired` says what a repair did.
+    """
+
+    collections: dict[str, dict[str, int]] = field(default_factory=dict)
+    damage: list[str] = field(default_factory=list)
+    fixable: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left that makes the index wrong (leftovers do not)."""
+        return not self.damage and not self.fixable
+
+
+def check_index(path: str | Path) -> dict[str, dict[str, int]]:
+    """Per collection the counts checked; raises RshashError naming the first problem.
+
+    Rows a dead writer left past the manifest are counted (`pending_rollback`), not errors:
+    the next writer deletes them.
+    """
+    report = inspect_index(path)
+    problems = report.damage + report.fixable
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RshashError(problems[0] + more)
+    return report.collections
+
+
+def inspect_index(path: str | Path, repair: bool = False) -> CheckReport:
+    """Check everything an index needs, reading it as a reader would (it writes nothing).
+
+    Segments are checksummed and their keys checked for order; every live code must have a
+    record and vice versa, and counts match the manifest. With `repair`, fixes what needs no
+    lost data under the writer lock, then checks again.
     """
     path = Path(path)
-    manifest = store.read_manifest(path)
-    gen, done = manifest["generation"], manifest.get("compacted", 0)
-    width = code_bytes(manifest["bits"])
-    db = store.connect(path)
-    report = {}
+    report = _inspect(path)
+    if repair and (report.fixable or report.leftovers):
+        done = _repair(path, report)
+        report = _inspect(path)
+        report.repaired = done
+    return report
+
+
+def _inspect(path: Path) -> CheckReport:
+    report = CheckReport()
     try:
-        for name, info in manifest["collections"].items():
-            c = coll_code(name)
-            parts = [
-                np.array(store.read_segment(path / s["file"], width, s["count"])["key"])
-                for s in info["segments"]
-            ]
-            held = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            if len(held) and (np.diff(held) <= 0).any():
-                raise RshashError(f"{path}: {name} segments hold keys out of order or twice")
-            dead = _keys(
-                db,
-                f"SELECT {KEY} FROM items WHERE {in_collection(c)}"
-                f" AND gen_removed > {done} AND gen_removed <= {gen}",
-            )
-            live = _keys(
-                db, f"SELECT {KEY} FROM items WHERE {in_collection(c)} AND {live_sql(gen)}"
-            )
-            codes = np.setdiff1d(held, dead)
-            if not np.isin(dead, held).all():
-                raise RshashError(f"{path}: {name}: a tombstone names a key that has no code")
-            orphans = np.setdiff1d(codes, live)
-            if len(orphans):
-                raise RshashError(f"{path}: {name}: code of key {orphans[0]} has no record")
-            missing = np.setdiff1d(live, codes)
-            if len(missing):
-                raise RshashError(f"{path}: {name}: record of key {missing[0]} has no code")
-            if len(live) != info["count"] or len(dead) != info["tombstones"]:
-                raise RshashError(
-                    f"{path}: {name}: {len(live)} live items and {len(dead)} tombstones, manifest "
-                    f"says {info['count']} and {info['tombstones']}"
-                )
-            if len(held) and held[-1] >= info["next_key"]:
-                raise RshashError(f"{path}: {name}: key {held[-1]} is not below next_key")
-            (pending,) = db.execute(
-                f"SELECT count(*) FROM items WHERE {in_collection(c)} AND gen_added > {gen}"
-            ).fetchone()
-            report[name] = {
-                "items": len(live),
-                "tombstones": len(dead),
-                "segments": len(info["segments"]),
-                "pending_rollback": int(pending),
-            }
+        manifest = store.read_manifest(path)
+    except RshashError as exc:
+        report.damage.append(str(exc))
+        return report
+    try:
+        integrity.check_model(path)
+        integrity.load_model(path)
+    except RshashError as exc:
+        report.damage.append(str(exc))
+    segments_ok = _check_segments(path, manifest, report)
+    _check_leftover_files(path, manifest, report)
+    try:
+        integrity.check_records(path)
+    except RshashError as exc:
+        report.damage.append(str(exc))
+        return report
+    db = store.connect(path, write=False)
+    try:
+        _check_records(path, db, manifest, report, segments_ok)
+    except sqlite3.DatabaseError as exc:
+        report.damage.append(f"{path / store.RECORDS}: unreadable ({exc}; {DAMAGED})")
     finally:
         db.close()
     return report
 
 
+def _check_segments(path: Path, manifest: dict[str, Any], report: CheckReport) -> bool:
+    """Sizes, checksums and key order of every segment; whether all of them are sound."""
+    ok, width = True, int(manifest["code_bytes"])
+    for name, info in manifest["collections"].items():
+        try:
+            for seg in info["segments"]:
+                integrity.check_segment_size(path, seg, width)
+            if info.get("state") and not (path / info["state"]).is_file():
+                report.damage.append(f"{path / info['state']}: missing ({DAMAGED})")
+                ok = False
+            integrity.verify_segments(path, manifest, name)
+        except RshashError as exc:
+            report.damage.append(str(exc))
+            ok = False
+            continue
+        for seg in info["segments"]:
+            if "crc32" not in seg:
+                report.leftovers.append(
+                    f"{path / seg['file']}: no checksum (an older index); {REPAIR} to record it"
+                )
+    return ok
+
+
+def _check_leftover_files(path: Path, manifest: dict[str, Any], report: CheckReport) -> None:
+    for f in _orphans(path, manifest):
+        report.leftovers.append(f"{f}: not part of the index (left by a writer that died)")
+
+
+def _orphans(path: Path, manifest: dict[str, Any]) -> list[Path]:
+    """Segment, engine and temporary files that `manifest` does not name."""
+    keep = {s["file"] for _, s in integrity.segments(manifest)}
+    keep |= {i["state"] for i in manifest["collections"].values() if i.get("state")}
+    found = [*path.glob("seg-*"), *path.glob("engine-*"), *path.glob(f".{MANIFEST}.*.tmp")]
+    found += [*path.glob(".model.tmp")]
+    return sorted(f for f in found if f.name not in keep)
+
+
+def _check_records(
+    path: Path, db: sqlite3.Connection, manifest: dict[str, Any], report: CheckReport, ok: bool
+) -> None:
+    """Records against codes and the manifest's counts; rows of dead writers past it."""
+    (quick,) = db.execute("PRAGMA quick_check(1)").fetchone()
+    if quick != "ok":
+        report.damage.append(f"{path / store.RECORDS}: corrupt ({quick}; {DAMAGED})")
+        return
+    gen, done = manifest["generation"], manifest.get("compacted", 0)
+    width = int(manifest["code_bytes"])
+    for name, info in manifest["collections"].items():
+        c = coll_code(name)
+        (pending,) = db.execute(
+            f"SELECT count(*) FROM items WHERE {in_collection(c)} AND gen_added > {gen}"
+        ).fetchone()
+        dead = _keys(
+            db,
+            f"SELECT {KEY} FROM items WHERE {in_collection(c)}"
+            f" AND gen_removed > {done} AND gen_removed <= {gen}",
+        )
+        live = _keys(db, f"SELECT {KEY} FROM items WHERE {in_collection(c)} AND {live_sql(gen)}")
+        report.collections[name] = {
+            "items": len(live),
+            "tombstones": len(dead),
+            "segments": len(info["segments"]),
+            "pending_rollback": int(pending),
+        }
+        if pending:
+            report.leftovers.append(
+                f"{path / store.RECORDS}: {name}: {pending} rows of a writer that died after"
+                f" generation {gen} (the next writer deletes them)"
+            )
+        if ok:
+            _match_codes(path, name, info, width, live, dead, report)
+    (unremoved,) = db.execute(
+        f"SELECT count(*) FROM items WHERE gen_removed > {gen} OR gen_removed <= {done}"
+    ).fetchone()
+    if unremoved:
+        report.leftovers.append(
+            f"{path / store.RECORDS}: {unremoved} removals that a dead writer left unfinished"
+        )
+
+
+def _match_codes(
+    path: Path,
+    name: str,
+    info: dict[str, Any],
+    width: int,
+    live: np.ndarray,
+    dead: np.ndarray,
+    report: CheckReport,
+) -> None:
+    parts = [
+        np.array(store.read_segment(path / s["file"], width, s["count"])["key"])
+        for s in info["segments"]
+    ]
+    held = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    codes = np.setdiff1d(held, dead)
+    where = f"{path}: {name}"
+    if not np.isin(dead, held).all():
+        report.damage.append(f"{where}: a tombstone names a key that has no code ({DAMAGED})")
+        return
+    orphans = np.setdiff1d(codes, live)
+    if len(orphans):
+        report.damage.append(f"{where}: code of key {orphans[0]} has no record ({DAMAGED})")
+        return
+    missing = np.setdiff1d(live, codes)
+    if len(missing):
+        report.damage.append(f"{where}: record of key {missing[0]} has no code ({DAMAGED})")
+        return
+    if len(live) != info["count"] or len(dead) != info["tombstones"]:
+        report.fixable.append(
+            f"{path / MANIFEST}: {name}: {len(live)} live items and {len(dead)} tombstones, but"
+            f" the manifest says {info['count']} and {info['tombstones']}; {REPAIR}"
+        )
+
+
 def _keys(db: Any, sql: str) -> np.ndarray:
     return np.sort(np.fromiter((r[0] for r in db.execute(sql)), np.int64))
+
+
+def _repair(path: Path, found: CheckReport) -> list[str]:
+    """Fix what loses no data, under the writer lock: dead writers' rows and files, missing
+    checksums, stale counts. Damage (missing or corrupt files) is left as it is, and with
+    damage the manifest is not rewritten."""
+    lock = store.WriteLock(path)
+    lock.acquire()
+    try:
+        manifest = store.read_manifest(path)  # the newest, now that no writer runs
+        done = _repair_records(path, manifest)
+        for f in _orphans(path, manifest):
+            f.unlink(missing_ok=True)
+            done.append(f"{f}: deleted (not part of the index)")
+        changed = False
+        if not found.damage:  # the manifest is rewritten only for an otherwise sound index
+            changed = _record_checksums(path, manifest, done)
+            changed |= bool(found.fixable) and _recount(path, manifest, done)
+        if changed:  # a new generation, so that writers and readers reload it
+            manifest["generation"] += 1
+            write_json_atomic(path / MANIFEST, manifest)
+    finally:
+        lock.release()
+    return done
+
+
+def _repair_records(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Undo a dead writer's rows past the manifest, as the next writer would (Index._recover)."""
+    if not (path / store.RECORDS).is_file():
+        return []
+    gen, done = manifest["generation"], manifest.get("compacted", 0)
+    db = store.connect(path, write=True)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        deleted = 0
+        for c, name in enumerate(COLLECTIONS):
+            info = manifest["collections"].get(name)
+            first = store.rid(c, info["next_key"] if info else 0)
+            where = f"rid BETWEEN {first} AND {store.rid(c, store.KEY_MASK)}"
+            db.execute(f"DELETE FROM bounds WHERE {where}")
+            deleted += db.execute(f"DELETE FROM items WHERE {where}").rowcount
+        undone = db.execute(
+            "UPDATE items SET gen_removed = NULL WHERE gen_removed > ?", (gen,)
+        ).rowcount
+        db.execute(
+            "DELETE FROM bounds WHERE rid IN (SELECT rid FROM items WHERE gen_removed <= ?)",
+            (done,),
+        )
+        dropped = db.execute("DELETE FROM items WHERE gen_removed <= ?", (done,)).rowcount
+        db.execute("COMMIT")
+    except sqlite3.DatabaseError:
+        return []  # a damaged records.db: the check names it
+    finally:
+        db.close()
+    rows = {"dead writer rows deleted": deleted, "unfinished removals undone": undone}
+    rows["compacted rows dropped"] = dropped
+    return [f"{path / store.RECORDS}: {n} {what}" for what, n in rows.items() if n]
+
+
+def _record_checksums(path: Path, manifest: dict[str, Any], done: list[str]) -> bool:
+    """Add the CRC32 of segments an older version wrote without one (if they look sound)."""
+    changed, width = False, int(manifest["code_bytes"])
+    for name in manifest["collections"]:
+        try:
+            scans = integrity.verify_segments(path, manifest, name)
+        except (RshashError, OSError):
+            continue  # damaged: named by the check, not blessed with a checksum
+        for seg, scan in zip(manifest["collections"][name]["segments"], scans, strict=True):
+            if "crc32" not in seg and _sized(path, seg, width):
+                seg["crc32"] = scan.crc32
+                done.append(f"{path / seg['file']}: checksum recorded")
+                changed = True
+    return changed
+
+
+def _sized(path: Path, seg: dict[str, Any], width: int) -> bool:
+    try:
+        integrity.check_segment_size(path, seg, width)
+    except RshashError:
+        return False
+    return True
+
+
+def _recount(path: Path, manifest: dict[str, Any], done: list[str]) -> bool:
+    """Set the manifest's live and tombstone counts from the records (codes and records agree)."""
+    gen, compacted = manifest["generation"], manifest.get("compacted", 0)
+    db = store.connect(path, write=False)
+    changed = False
+    try:
+        for name, info in manifest["collections"].items():
+            c = coll_code(name)
+            (live,) = db.execute(
+                f"SELECT count(*) FROM items WHERE {in_collection(c)} AND {live_sql(gen)}"
+            ).fetchone()
+            (dead,) = db.execute(
+                f"SELECT count(*) FROM items WHERE {in_collection(c)}"
+                f" AND gen_removed > {compacted} AND gen_removed <= {gen}"
+            ).fetchone()
+            if (live, dead) != (info["count"], info["tombstones"]):
+                done.append(
+                    f"{path / MANIFEST}: {name}: counts set to {live} items, {dead} tombstones"
+                    f" (were {info['count']} and {info['tombstones']})"
+                )
+                info.update(count=live, tombstones=dead)
+                changed = True
+    finally:
+        db.close()
+    return changed
 
 
 def upgrade_index(path: str | Path, progress: bool = True) -> Index | None:

@@ -24,6 +24,7 @@ import shlex
 import sqlite3
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,8 @@ LOCK = "write.lock"
 COLLECTIONS = ("images", "captions")
 COLUMNS = ("id", "image", "path", "class", "dataset")
 BATCH = 900  # SQL parameters per IN (...) list, under SQLite's limit
+MAX_MANIFEST_BYTES = 64 << 20  # index.json: a few KiB per commit's source and segments
+DAMAGED = "the index is damaged; restore it from a backup or rebuild it with `rshash index build`"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -89,11 +92,27 @@ def live_sql(gen: int) -> str:
     return f"gen_added <= {int(gen)} AND (gen_removed IS NULL OR gen_removed > {int(gen)})"
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, full sync on commit."""
-    db = sqlite3.connect(path / RECORDS, isolation_level=None, check_same_thread=False, timeout=60)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+def connect(path: Path, *, write: bool) -> sqlite3.Connection:
+    """A connection to INDEX/records.db in autocommit mode (transactions are explicit).
+
+    Writers get WAL and full sync on commit. Readers open it read-only and never create it: on
+    storage they cannot write, as immutable unless a WAL holds commits (then SQLite needs the
+    -shm file that came with it), since a read-only WAL database cannot make its -shm file.
+    """
+    file = path / RECORDS
+    if write:
+        db = sqlite3.connect(file, isolation_level=None, check_same_thread=False, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+    else:
+        mode = "mode=ro"
+        wal = path / f"{RECORDS}-wal"
+        if not os.access(path, os.W_OK) and not (wal.is_file() and wal.stat().st_size):
+            mode = "immutable=1"
+        uri = f"{file.resolve().as_uri()}?{mode}"
+        db = sqlite3.connect(
+            uri, uri=True, isolation_level=None, check_same_thread=False, timeout=60
+        )
     db.execute("PRAGMA cache_size=-65536")
     return db
 
@@ -176,26 +195,35 @@ def read_segment(path: Path, width: int, count: int) -> np.ndarray:
     """A segment's (key, code) records, memory-mapped; exactly `count` of them."""
     dtype = segment_dtype(width)
     size = path.stat().st_size
-    if size < count * dtype.itemsize:
-        raise RshashError(f"{path}: holds {size // dtype.itemsize} codes, manifest says {count}")
+    if size != count * dtype.itemsize:
+        raise RshashError(
+            f"{path}: {size} bytes, but the manifest says {count} codes of {dtype.itemsize} bytes"
+            f" ({DAMAGED})"
+        )
     if count == 0:
         return np.zeros(0, dtype)
     return np.memmap(path, dtype, mode="r", shape=(count,))
 
 
 class SegmentWriter:
-    """Appends (key, code) records to a new segment file; `close()` syncs it to disk."""
+    """Appends (key, code) records to a new segment file; `close()` syncs it to disk.
+
+    `crc32` is the CRC32 of the bytes written so far, recorded in the manifest for `verify`.
+    """
 
     def __init__(self, path: Path, width: int) -> None:
         self.path = path
         self.dtype = segment_dtype(width)
         self.file = open(path, "wb")  # noqa: SIM115 - kept open across add() calls
         self.count = 0
+        self.crc32 = 0
 
     def write(self, keys: np.ndarray, codes: np.ndarray) -> None:
         rows = np.empty(len(keys), self.dtype)
         rows["key"], rows["code"] = keys, codes
-        self.file.write(rows.tobytes())
+        data = rows.tobytes()
+        self.file.write(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
         self.count += len(keys)
 
     def close(self) -> None:
@@ -213,7 +241,9 @@ class SegmentWriter:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of index directory `path`, checked to be this format."""
+    """The manifest of index directory `path`, checked to be this format and of its shape."""
+    from rshash.index.integrity import check_manifest  # integrity builds on store
+
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         if not path.exists() and path.with_name(path.name + ".upgrade").is_dir():
@@ -221,10 +251,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 f"{path}: an `rshash index upgrade` was interrupted; run it again to finish"
             )
         raise RshashError(f"{path}: not an rshash index (no {MANIFEST})")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise RshashError(f"{manifest_path}: over {MAX_MANIFEST_BYTES >> 20} MiB ({DAMAGED})")
     try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RshashError(f"{manifest_path}: not valid JSON ({exc})") from None
+        manifest = json.loads(manifest_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RshashError(f"{manifest_path}: not valid JSON ({exc}; {DAMAGED})") from None
+    if not isinstance(manifest, dict):
+        raise RshashError(f"{manifest_path}: expected a JSON object ({DAMAGED})")
     fmt = manifest.get("format")
     if fmt == OLD_FORMAT:
         raise RshashError(
@@ -232,6 +266,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     if fmt != FORMAT:
         raise RshashError(f"{manifest_path}: format {fmt!r}, not {FORMAT}")
+    check_manifest(manifest_path, manifest)
     return manifest
 
 
