@@ -27,7 +27,7 @@ def test_cli_pipeline(mini_dataset, tmp_path):
         "8",
     )
     assert r.returncode == 0, r.stderr
-    for name in ("model.pt", "config.json", "split.json", "history.json", "checkpoint.pt"):
+    for name in ("model.safetensors", "model.json", "config.json", "split.json", "history.json"):
         assert (run / name).exists(), name
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["bits"] == 16 and "torch" in config["versions"]

@@ -158,9 +158,10 @@ def test_interrupted_build_resumes_from_saved_batches(ucm_run, tmp_path, monkeyp
 def test_index_refuses_another_model(ucm_index, ucm_run, tmp_path):
     other = tmp_path / "other-run"
     other.mkdir()
-    for name in ("config.json", "split.json"):
-        (other / name).write_text((ucm_run / name).read_text())
-    (other / "model.pt").write_bytes((ucm_run / "model.pt").read_bytes() + b"\0")
+    for name in ("config.json", "split.json", "model.safetensors"):
+        (other / name).write_bytes((ucm_run / name).read_bytes())
+    info = json.loads((ucm_run / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**info, "train_seconds": -1}))
     with pytest.raises(RshashError, match="built with the model of"):
         Index.open(ucm_index, expect_model=other)
 

@@ -125,7 +125,7 @@ def test_interrupted_training_resumes_to_the_same_result(ucm_features, tmp_path,
     monkeypatch.setattr(DUCHTrainer, "run_epoch", crash_at_two)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "resumed", progress=False)
-    assert not (tmp_path / "resumed" / "model.pt").exists()
+    assert not (tmp_path / "resumed" / "model.json").exists()
     monkeypatch.setattr(DUCHTrainer, "run_epoch", original)
     train(cfg, tmp_path / "resumed", progress=False)
     a, b = HashRun.open(tmp_path / "whole"), HashRun.open(tmp_path / "resumed")
