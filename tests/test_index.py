@@ -185,6 +185,8 @@ def test_cli_search_and_bad_input(ucm_index, tmp_path):
         ("search", ucm_index, "x", "--where", "class = "): "where: expected a value",
         ("search", ucm_index, "x", "--where", "class = 'a' drop"): "where: expected end",
         ("search", ucm_index, "x", "--bbox", "1,2,3"): "bbox:",
+        ("search", ucm_index, "x", "--radius", 2**63): "radius: expected 0 to 64",
+        ("search", ucm_index, "x", "--radius", 65): "radius: expected 0 to 64",
     }
     for args, fragment in cases.items():
         r = rshash_cli(*args)

@@ -92,6 +92,20 @@ def model_fingerprint(run_dir: Path) -> str:
     return h.hexdigest()
 
 
+def load_restricted(path: Path, refused: str, fix: str) -> Any:
+    """A pickle file read by PyTorch's restricted `weights_only` loader (tensors and plain
+    containers only); anything else is refused in one line, never executed."""
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle's restricted loader raises several types
+        raise RshashError(
+            f"{path}: {refused}: it holds more than tensors and plain values "
+            f"({exc.__class__.__name__}); {fix}"
+        ) from None
+
+
 def convert_legacy_model(run_dir: Path) -> bool:
     """Rewrite a pickled model.pt as model.safetensors + model.json; False if there is none.
 
@@ -101,15 +115,7 @@ def convert_legacy_model(run_dir: Path) -> bool:
     legacy = run_dir / LEGACY_MODEL
     if not legacy.is_file():
         return False
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle it then refuses
-            warnings.simplefilter("ignore")
-            model = torch.load(legacy, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle's restricted loader raises several types
-        raise RshashError(
-            f"{legacy}: not converted: it holds more than tensors and plain values "
-            f"({exc.__class__.__name__}); retrain the model"
-        ) from None
+    model = load_restricted(legacy, "not converted", "retrain the model")
     if not isinstance(model, dict):
         raise RshashError(f"{legacy}: not converted: expected a dict, got {type(model).__name__}")
     save_model(run_dir, model)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
-from rshash.errors import RshashError
 from rshash.fileio import atomic_path, write_json_atomic
+from rshash.models.model_file import load_restricted
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
@@ -39,15 +38,7 @@ def run_epochs(
     history: list[dict[str, float]] = []
     start = 0
     if ckpt_path.exists():
-        try:  # the restricted unpickler: tensors and plain values only, never code
-            with warnings.catch_warnings():  # torch warns about the pickle it then refuses
-                warnings.simplefilter("ignore")
-                ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle's restricted loader raises several types
-            raise RshashError(
-                f"{ckpt_path}: not resumed: it holds more than tensors and plain values "
-                f"({exc.__class__.__name__}); delete it to train from the start"
-            ) from None
+        ckpt = load_restricted(ckpt_path, "not resumed", "delete it to train from the start")
         if ckpt.get("config_key") == config_key:
             trainer.load_state_dict(ckpt["trainer"])
             history, start = ckpt["history"], ckpt["epoch"] + 1
