@@ -4,8 +4,10 @@ The index (a directory, or a sharded index: a directory with `shards.json`) and 
 once, when the app is created. Every search goes through one dynamic batcher (see `batcher`):
 concurrent queries share an encoder forward pass and a batched search; past the queue bound the
 service answers 503 with `Retry-After` at once. Between batches the index switches to a newer
-generation committed by another process (`rshash index add/remove`). Bad requests get a 4xx
-answer with a JSON body {"error": "..."}; the server keeps serving.
+generation committed by another process (`rshash index add/remove`). A request's filter
+(`where`, `bbox`) is checked and resolved to its matching items in a worker thread of its own
+before the request joins a batch, so a slow or hostile filter never holds up other queries. Bad
+requests get a 4xx answer with a JSON body {"error": "..."}; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
+import anyio
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -33,13 +36,17 @@ from pydantic import BaseModel, Field
 from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
+from rshash.index.filters import check_text
+from rshash.index.index import Allowed, StaleFilter
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
 from rshash.service.geo_routes import geo_router, render, tile_png
+from rshash.service.limits import BodyLimit
 from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
 from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
 from rshash.service.thumbnails import thumbnail_of
 
+FILTER_TRIES = 3  # resolutions of a filter when the index changes generation in between
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/tiff", "image/webp", "image/bmp", "image/gif"}
 log = logging.getLogger("rshash.service")
 
@@ -48,6 +55,7 @@ log = logging.getLogger("rshash.service")
 class ServiceConfig:
     max_query_chars: int = 500
     max_upload_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024  # a JSON request body (a 4096-character filter fits)
     max_k: int = 200
     thumbnail_size: int = 256
     device: str = "auto"
@@ -61,6 +69,7 @@ class ServiceConfig:
     ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
     shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
     torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
+    filter_threads: int = 4  # filters resolved at once (worker threads apart from the batches)
 
 
 class TextQuery(BaseModel):
@@ -114,6 +123,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     index = open_index(index_path, cfg)
     thumbs = Path(index_path) / "thumbnails"
     metrics = ServiceMetrics()
+    filter_limiter = anyio.CapacityLimiter(cfg.filter_threads)
     filters_supported = "where" in inspect.signature(index.search_codes).parameters
     last_refresh = [time.monotonic()]
 
@@ -145,6 +155,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         description="Hash-code search over a remote-sensing archive.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def counts() -> dict[str, int]:
@@ -170,16 +181,34 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             field = "where" if where is not None else "bbox"
             raise HTTPException(422, f"{field}: this index does not support filters")
 
+    async def resolve(request: SearchRequest) -> Allowed | None:
+        """The request's filter checked (RshashError: 400) and resolved, in a worker thread."""
+        if request.where is None and request.bbox is None:
+            return None
+        return await anyio.to_thread.run_sync(
+            index.resolve_filter,
+            request.collection,
+            request.where,
+            request.bbox,
+            limiter=filter_limiter,
+        )
+
     async def search(request: SearchRequest) -> list[Hit]:
-        try:
-            return await batcher.submit(request)
-        except QueueFull as exc:
-            metrics.shed.inc()
-            raise HTTPException(
-                503,
-                f"service busy ({exc}); retry in {cfg.retry_after_s} s",
-                headers={"Retry-After": str(cfg.retry_after_s)},
-            ) from None
+        retry = {"Retry-After": str(cfg.retry_after_s)}
+        for _ in range(FILTER_TRIES):
+            resolved = replace(request, allowed=await resolve(request))
+            try:
+                return await batcher.submit(resolved)
+            except QueueFull as exc:
+                metrics.shed.inc()
+                raise HTTPException(
+                    503, f"service busy ({exc}); retry in {cfg.retry_after_s} s", headers=retry
+                ) from None
+            except StaleFilter:  # the index switched generation in between: resolve again
+                continue
+        raise HTTPException(
+            503, f"index kept changing under the filter; retry in {cfg.retry_after_s} s", retry
+        )
 
     def answer(hits: list[Hit], output: str, **query: Any) -> Response:
         body = {**query, "count": len(hits), "results": [result(h) for h in hits]}
@@ -240,6 +269,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
 
     @app.post("/search/text")
     async def search_text(q: TextQuery) -> Response:
+        check_text(q.query, "query")
         if len(q.query) > cfg.max_query_chars:
             raise HTTPException(422, f"query: longer than {cfg.max_query_chars} characters")
         if not q.query.strip():
