@@ -33,7 +33,7 @@ COLUMNS = ("id", "image", "path", "class", "dataset")
 # (compiled in linear time, an SQL expression SQLite accepts), whatever the text.
 MAX_CHARS = 4096  # characters of a filter
 MAX_TOKENS = 1024  # tokens of a filter (each a comparison, value, operator or parenthesis)
-MAX_DEPTH = 32  # parentheses and `not`s open at once
+MAX_DEPTH = 24  # parentheses and `not`s open at once (SQLite's parser stack holds 100)
 MAX_IN_VALUES = 256  # values of one `in (...)` list
 MAX_NUMBER_CHARS = 64  # characters of a number literal, checked before it is converted
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # SQLite's integers: signed 64-bit
@@ -163,7 +163,7 @@ class _Parser:
             self.nested(at)
             inner = self.factor()
             self.depth -= 1
-            return f"(NOT COALESCE({inner}, 0))"
+            return f"({inner} IS NOT 1)"  # NULL (no value) counts as false, as NOT NULL would not
         if self.accept("op", "("):
             self.nested(at)
             inner = self.expr()
