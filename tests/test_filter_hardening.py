@@ -151,6 +151,17 @@ def test_index_without_field_list_reads_it_once_from_its_records(ucm_index, monk
     assert index.search_codes(q, 5, where="class = 'river'")[0]
 
 
+def test_a_filter_query_past_its_time_limit_is_an_error(ucm_index, monkeypatch):
+    """Guards against one filter's SQL query running unbounded (a valid filter at the limits
+    costs time per item; on a large archive, minutes)."""
+    monkeypatch.setattr(index_module, "FILTER_SECONDS", 0.0)
+    index = Index.open(ucm_index)
+    with pytest.raises(RshashError, match=r"where: took longer than 0 s"):
+        index.search_codes(codes_for(0, 1), 5, "captions", where="text != 'x' or class = 'y'")
+    monkeypatch.setattr(index_module, "FILTER_SECONDS", 60.0)
+    assert len(index.search_codes(codes_for(0, 1), 5, "captions", where="class = 'river'")[0])
+
+
 def test_filter_resolved_at_an_older_generation_is_refused(ucm_run, tmp_path):
     """Guards against a search using matching keys of an older generation (missing items
     added since): the service resolves again on StaleFilter."""

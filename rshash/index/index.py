@@ -59,6 +59,7 @@ MAX_K = 10_000
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
+FILTER_SECONDS = 10.0  # longest a filter's SQL query may run before it is an error
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
 
 
@@ -801,16 +802,26 @@ class Index(Searcher):
             cond, box_params = compile_bbox(box)
             sql += f" AND {cond}"
             params += box_params
-        try:
-            rows = self._db().execute(sql, params)
-            keys = np.sort(np.fromiter((r[0] for r in rows), np.int64))
-        except sqlite3.Error as exc:
-            raise RshashError(f"where: {exc}") from None
+        keys = self._query_keys(sql, params)
         with self._filters_lock:
             self._filters[cache_key] = keys
             while len(self._filters) > FILTER_CACHE:
                 self._filters.popitem(last=False)
         return keys
+
+    def _query_keys(self, sql: str, params: list[Any]) -> np.ndarray:
+        """Sorted keys of a filter's SQL query, interrupted after FILTER_SECONDS."""
+        db, deadline = self._db(), time.monotonic() + FILTER_SECONDS
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            rows = db.execute(sql, params)
+            return np.sort(np.fromiter((r[0] for r in rows), np.int64))
+        except sqlite3.Error as exc:
+            if time.monotonic() > deadline:
+                raise RshashError(f"where: took longer than {FILTER_SECONDS:g} s") from None
+            raise RshashError(f"where: {exc}") from None
+        finally:
+            db.set_progress_handler(None, 0)
 
     def search_codes(
         self,

@@ -185,6 +185,14 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         """The request's filter checked (RshashError: 400) and resolved, in a worker thread."""
         if request.where is None and request.bbox is None:
             return None
+        waiting = filter_limiter.statistics().tasks_waiting
+        if waiting >= cfg.max_queue:
+            metrics.shed.inc()
+            raise HTTPException(
+                503,
+                f"service busy ({waiting} filters waiting); retry in {cfg.retry_after_s} s",
+                headers={"Retry-After": str(cfg.retry_after_s)},
+            )
         return await anyio.to_thread.run_sync(
             index.resolve_filter,
             request.collection,
