@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -135,13 +136,21 @@ def test_unknown_field_lists_the_index_fields_and_manifest_keeps_their_union(ucm
         index.search_codes(q, 5, where="windows.row = 1")
 
 
-def test_index_without_field_list_reads_it_once_from_its_records(ucm_index, monkeypatch):
+def _legacy_copy(ucm_index: Path, to: Path) -> Path:
+    """A copy of the UCM index as written before manifests listed their fields."""
+    shutil.copytree(ucm_index, to, ignore=shutil.ignore_patterns("thumbnails"))
+    manifest = json.loads((to / "index.json").read_text())
+    manifest.pop("fields", None)
+    (to / "index.json").write_text(json.dumps(manifest))
+    return to
+
+
+def test_index_without_field_list_reads_it_once_from_its_records(ucm_index, tmp_path, monkeypatch):
     """An index written before manifests listed fields: the list comes from SQLite, once."""
     calls = []
     real = index_module.record_fields
     monkeypatch.setattr(index_module, "record_fields", lambda *a: calls.append(a[1:]) or real(*a))
-    index = Index.open(ucm_index)
-    assert "fields" not in index.manifest
+    index = Index.open(_legacy_copy(ucm_index, tmp_path / "index"))
     q = codes_for(0, 1)
     for _ in range(3):
         with pytest.raises(RshashError) as err:
@@ -358,8 +367,7 @@ def test_a_filter_being_resolved_does_not_hold_up_other_queries(ucm_index, monke
 
 def test_legacy_copy_gets_its_field_list_at_the_next_commit(ucm_index, ucm_run, tmp_path):
     """An old index (no field list) that gets an add must list the old records' fields too."""
-    copy = tmp_path / "index"
-    shutil.copytree(ucm_index, copy, ignore=shutil.ignore_patterns("thumbnails"))
+    copy = _legacy_copy(ucm_index, tmp_path / "index")
     index = Index.open(copy)
     index.add("images", codes_for(0, 1), [{"id": "new-1", "year": 2020}])
     index.commit()

@@ -248,7 +248,7 @@ def check_bbox(bbox: Any) -> boxes.BBox:
     minlon > maxlon crosses the antimeridian."""
     try:
         values = [float(v) for v in bbox]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RshashError(
             f"bbox: expected 4 numbers (minlon, minlat, maxlon, maxlat), got {bbox!r}"
         ) from None
