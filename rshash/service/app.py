@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
@@ -222,8 +223,8 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         body = {**query, "count": len(hits), "results": [result(h) for h in hits]}
         return _json(render(body, output))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # also FastAPI's own (a body it cannot parse)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
