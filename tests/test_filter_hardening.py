@@ -377,3 +377,48 @@ def test_legacy_copy_gets_its_field_list_at_the_next_commit(ucm_index, ucm_run, 
     assert fields["images"] == ["class", "dataset", "id", "path", "year"]
     assert fields["captions"] == ["class", "id", "image", "text"]
     assert np.array_equal(index.matching_keys(where="year = 2020"), [2100])
+
+
+@pytest.mark.slow
+def test_sharded_filters_check_fields_of_the_union(ucm_run, tmp_path):
+    """Guards against a sharded index answering otherwise than one index over the union: a
+    field only one shard holds (there `year`, in a shard whose manifest predates field lists)
+    is valid and matches nothing elsewhere; an unknown one fails before any shard is asked."""
+    ray = pytest.importorskip("ray")
+    from rshash.fileio import write_json_atomic
+    from rshash.index.sharded import SHARDS, ShardedIndex
+
+    root, single = tmp_path / "shards", Index.create(tmp_path / "single", ucm_run)
+    parts = [
+        [{"id": f"a{i}", "class": "river", "year": 2000 + i} for i in range(20)],
+        [{"id": f"b{i}", "class": "forest"} for i in range(20)],
+    ]
+    for s, recs in enumerate(parts):
+        shard = Index.create(root / f"shard-{s:03d}", ucm_run)
+        shard.add("images", codes_for(s * 20, 20), recs, first_key=s * 20)
+        shard.commit()
+        shard.close()
+        single.add("images", codes_for(s * 20, 20), recs, first_key=s * 20)
+    single.commit()
+    _legacy_copy(root / "shard-000", tmp_path / "legacy")  # shard 0 without a field list
+    shutil.rmtree(root / "shard-000")
+    shutil.move(tmp_path / "legacy", root / "shard-000")
+    names = ["shard-000", "shard-001"]
+    write_json_atomic(root / SHARDS, {"format": "rshash-shards/1", "shards": names})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        sharded = ShardedIndex(root, timeout=600)  # the first filtered search compiles kernels
+        assert sharded.fields["images"] == {"class", "id", "year"}
+        q = codes_for(7, 2)
+        for where in ("year >= 2010 or class = 'forest'", "year = null", "not (year < 2005)"):
+            assert sharded.resolve_filter("images", where, None) is None
+            want = single.search_codes(q, 30, where=where)
+            got = sharded.search_codes(q, 30, where=where)
+            assert [[(h.key, h.distance) for h in g] for g in got] == [
+                [(h.key, h.distance) for h in w] for w in want
+            ], where
+        for call in (sharded.resolve_filter, lambda *a: sharded.search_codes(q, 5, where=a[1])):
+            with pytest.raises(RshashError, match=r"unknown field 'yeer'.*has: class, id, year$"):
+                call("images", "yeer = 2001", None)
+    finally:
+        ray.shutdown()
