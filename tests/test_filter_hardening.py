@@ -422,3 +422,34 @@ def test_sharded_filters_check_fields_of_the_union(ucm_run, tmp_path):
                 call("images", "yeer = 2001", None)
     finally:
         ray.shutdown()
+
+
+def test_filter_threads_run_at_lower_priority_and_shed_past_their_queue():
+    """Guards against filter work competing with the batches at full CPU priority, and against
+    an unbounded pile of waiting filters: past `max_waiting`, QueueFull (503) at once."""
+    import os
+
+    from rshash.service.batcher import QueueFull
+    from rshash.service.limits import BackgroundThreads
+
+    pool = BackgroundThreads(threads=1, max_waiting=1, nice=5)
+    gate = threading.Event()
+
+    def held() -> int:
+        assert gate.wait(30)
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(pool.run(held))
+        second = asyncio.ensure_future(pool.run(held))
+        await asyncio.sleep(0.05)  # both submitted: one running, one waiting
+        with pytest.raises(QueueFull):
+            await pool.run(held)
+        gate.set()
+        return list(await asyncio.gather(first, second))
+
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert asyncio.run(scenario()) == [min(base + 5, 19)] * 2
+    finally:
+        pool.close()

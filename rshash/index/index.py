@@ -60,6 +60,7 @@ COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collec
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
 FILTER_SECONDS = 10.0  # longest a filter's SQL query may run before it is an error
+PROGRESS_STEPS = 1_000_000  # SQLite steps between looks at the clock (each takes the GIL)
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
 
 
@@ -812,7 +813,7 @@ class Index(Searcher):
     def _query_keys(self, sql: str, params: list[Any]) -> np.ndarray:
         """Sorted keys of a filter's SQL query, interrupted after FILTER_SECONDS."""
         db, deadline = self._db(), time.monotonic() + FILTER_SECONDS
-        db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
         try:
             rows = db.execute(sql, params)
             return np.sort(np.fromiter((r[0] for r in rows), np.int64))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-import anyio
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -42,7 +41,7 @@ from rshash.index.index import Allowed, StaleFilter
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
 from rshash.service.geo_routes import geo_router, render, tile_png
-from rshash.service.limits import BodyLimit
+from rshash.service.limits import BackgroundThreads, BodyLimit
 from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
 from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
 from rshash.service.thumbnails import thumbnail_of
@@ -70,7 +69,7 @@ class ServiceConfig:
     ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
     shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
     torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
-    filter_threads: int = 4  # filters resolved at once (worker threads apart from the batches)
+    filter_threads: int = 2  # filters resolved at once (lower-priority threads apart from batches)
 
 
 class TextQuery(BaseModel):
@@ -124,7 +123,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     index = open_index(index_path, cfg)
     thumbs = Path(index_path) / "thumbnails"
     metrics = ServiceMetrics()
-    filter_limiter = anyio.CapacityLimiter(cfg.filter_threads)
+    filter_threads = BackgroundThreads(cfg.filter_threads, cfg.max_queue)
     filters_supported = "where" in inspect.signature(index.search_codes).parameters
     last_refresh = [time.monotonic()]
 
@@ -150,6 +149,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await batcher.close()
+        filter_threads.close()
 
     app = FastAPI(
         title="rshash search",
@@ -186,27 +186,15 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         """The request's filter checked (RshashError: 400) and resolved, in a worker thread."""
         if request.where is None and request.bbox is None:
             return None
-        waiting = filter_limiter.statistics().tasks_waiting
-        if waiting >= cfg.max_queue:
-            metrics.shed.inc()
-            raise HTTPException(
-                503,
-                f"service busy ({waiting} filters waiting); retry in {cfg.retry_after_s} s",
-                headers={"Retry-After": str(cfg.retry_after_s)},
-            )
-        return await anyio.to_thread.run_sync(
-            index.resolve_filter,
-            request.collection,
-            request.where,
-            request.bbox,
-            limiter=filter_limiter,
+        return await filter_threads.run(
+            index.resolve_filter, request.collection, request.where, request.bbox
         )
 
     async def search(request: SearchRequest) -> list[Hit]:
         retry = {"Retry-After": str(cfg.retry_after_s)}
         for _ in range(FILTER_TRIES):
-            resolved = replace(request, allowed=await resolve(request))
             try:
+                resolved = replace(request, allowed=await resolve(request))
                 return await batcher.submit(resolved)
             except QueueFull as exc:
                 metrics.shed.inc()
