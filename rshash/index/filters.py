@@ -15,6 +15,10 @@ looked up in the record (`year`, `window.row`). `= null` / `!= null` test for a 
 Values are bound as SQL parameters and field names are checked against the grammar, so no user
 text ever becomes SQL. Examples: `class = "parking" and year >= 2010`,
 `dataset in ("ucm", "rsscn7")`, `not (class = "river" or cloud > 0.2)`.
+
+Any text is safe to hand in: it is scanned once (linear time), the limits below bound its size,
+nesting, lists and numbers, a field the index does not hold is an error that lists those it
+does, and every failure is a one-line `RshashError` naming what was expected.
 """
 
 from __future__ import annotations
