@@ -62,6 +62,8 @@ MAX_K = 10_000
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
+FILTER_SECONDS = 10.0  # longest a filter's SQL query may run before it is an error
+PROGRESS_STEPS = 1_000_000  # SQLite steps between looks at the clock (each takes the GIL)
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
 
 
@@ -123,6 +125,20 @@ class _Pending:
     segments: dict[str, store.SegmentWriter] = field(default_factory=dict)
     removed: bool = False
     reserved: bool = False
+    fields: dict[str, set[str]] = field(default_factory=dict)  # record fields added, per collection
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """A filter resolved at one generation: the sorted keys of a collection's matching items."""
+
+    collection: str
+    generation: int
+    keys: np.ndarray
+
+
+class StaleFilter(RshashError):
+    """The index moved to another generation after the filter was resolved: resolve it again."""
 
 
 class Searcher(ABC):
@@ -140,12 +156,21 @@ class Searcher(ABC):
         *,
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
+        allowed: Allowed | None = None,
     ) -> list[list[Hit]]:
         """Nearest items to each packed query code: top-k, or all within `radius` if given.
 
         `where` (see `filters`) and `bbox` (minlon, minlat, maxlon, maxlat) restrict the
-        candidates; the result is still exact among the matching items.
+        candidates; the result is still exact among the matching items. `allowed` (from
+        `resolve_filter`) restricts them to a filter resolved beforehand instead.
         """
+
+    @abstractmethod
+    def resolve_filter(
+        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
+    ) -> Allowed | None:
+        """Check a filter and find its matching items ahead of the search (the service runs
+        this in a worker thread, never in its batch thread); None: the search applies it."""
 
     def search_text(
         self,
@@ -183,6 +208,15 @@ class Searcher(ABC):
         return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
 
 
+def record_fields(db: sqlite3.Connection, collection: str) -> frozenset[str]:
+    """The top-level fields of every record of `collection` in `db` (captions apart)."""
+    rows = db.execute(
+        "SELECT DISTINCT field.key FROM items, json_each(items.record) AS field"
+        f" WHERE {in_collection(coll_code(collection))}"
+    )
+    return frozenset(r[0] for r in rows)
+
+
 def check_query(k: int, radius: int | None, bits: int) -> None:
     """k in 1..MAX_K, or a radius in 0..bits (a code is never farther than its length)."""
     if radius is not None and not 0 <= radius <= bits:
@@ -211,6 +245,9 @@ class Index(Searcher):
         self._pending: _Pending | None = None
         self._filters: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._filters_lock = threading.Lock()
+        self._fields: dict[tuple[int, str], frozenset[str]] = {}
+        # Fields other shards of a sharded index hold: valid here too, matching nothing.
+        self.shared_fields: dict[str, frozenset[str]] = {}
 
     # --- what readers see -----------------------------------------------------------------
 
@@ -575,6 +612,9 @@ class Index(Searcher):
         self, collection: str, keys: np.ndarray, items: list[dict[str, Any]], gen: int
     ) -> None:
         c, db = coll_code(collection), self._db()
+        if self._pending is not None:
+            added = self._pending.fields.setdefault(collection, set())
+            added.update(name for it in items for name in it if name != "captions")
         store.insert_rows(
             db,
             (store.row_of(c, int(k), it, gen) for k, it in zip(keys.tolist(), items, strict=True)),
@@ -644,6 +684,7 @@ class Index(Searcher):
                     write_bytes_durable(self.path / info["state"], state)
                 manifest["collections"][name] = info
                 self.collections[name] = col
+            manifest["fields"] = self._fields_after(pending)
             manifest.update(generation=pending.gen, updated=time.time(), provenance=provenance())
             fsync_dir(self.path)  # the new segment and engine files' names
             db.execute("COMMIT")
@@ -665,6 +706,15 @@ class Index(Searcher):
         self._lock.release()
         if self._needs_compaction():
             self.compact()
+
+    def _fields_after(self, pending: _Pending) -> dict[str, list[str]]:
+        """Per collection, the record fields of every item added up to `pending` (manifest)."""
+        out = {}
+        for name in COLLECTIONS:
+            known = self._own_fields(self.manifest, name) | pending.fields.get(name, set())
+            if known:
+                out[name] = sorted(known)
+        return out
 
     def _new_info(self) -> dict[str, Any]:
         return {"count": 0, "next_key": 0, "segments": [], "tombstones": 0, "report": {}}
@@ -756,6 +806,27 @@ class Index(Searcher):
             raise RshashError(f"{self.path}: index holds no {name} (collections: {have})")
         return col
 
+    def fields(self, collection: str = "images") -> frozenset[str]:
+        """The top-level record fields a `where` filter on `collection` may name."""
+        return self._known_fields(self._state.manifest, collection)
+
+    def _known_fields(self, manifest: dict[str, Any], collection: str) -> frozenset[str]:
+        own = self._own_fields(manifest, collection)
+        return own | self.shared_fields.get(collection, frozenset())
+
+    def _own_fields(self, manifest: dict[str, Any], collection: str) -> frozenset[str]:
+        """The manifest's field list; for an index written before it had one, read once from
+        the records (every row ever added, like the list) and kept in memory."""
+        if collection not in manifest["collections"]:
+            return frozenset()
+        if "fields" in manifest:
+            return frozenset(manifest["fields"].get(collection, ()))
+        key = (int(manifest["generation"]), collection)
+        known = self._fields.get(key)
+        if known is None:
+            known = self._fields[key] = record_fields(self._db(), collection)
+        return known
+
     def matching_keys(
         self,
         collection: str = "images",
@@ -784,22 +855,33 @@ class Index(Searcher):
         sql += f" AND {live_sql(gen)}"
         params: list[Any] = []
         if where is not None:
-            cond, params = compile_where(where)
+            known = self._known_fields(state.manifest, collection)
+            cond, params = compile_where(where, known)
             sql += f" AND {cond}"
         if box is not None:
             cond, box_params = compile_bbox(box)
             sql += f" AND {cond}"
             params += box_params
-        try:
-            rows = self._db().execute(sql, params)
-            keys = np.sort(np.fromiter((r[0] for r in rows), np.int64))
-        except sqlite3.Error as exc:
-            raise RshashError(f"where: {exc}") from None
+        keys = self._query_keys(sql, params)
         with self._filters_lock:
             self._filters[cache_key] = keys
             while len(self._filters) > FILTER_CACHE:
                 self._filters.popitem(last=False)
         return keys
+
+    def _query_keys(self, sql: str, params: list[Any]) -> np.ndarray:
+        """Sorted keys of a filter's SQL query, interrupted after FILTER_SECONDS."""
+        db, deadline = self._db(), time.monotonic() + FILTER_SECONDS
+        db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
+        try:
+            rows = db.execute(sql, params)
+            return np.sort(np.fromiter((r[0] for r in rows), np.int64))
+        except sqlite3.Error as exc:
+            if time.monotonic() > deadline:
+                raise RshashError(f"where: took longer than {FILTER_SECONDS:g} s") from None
+            raise RshashError(f"where: {exc}") from None
+        finally:
+            db.set_progress_handler(None, 0)
 
     def search_codes(
         self,
@@ -810,18 +892,49 @@ class Index(Searcher):
         *,
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
+        allowed: Allowed | None = None,
     ) -> list[list[Hit]]:
         check_query(k, radius, self.bits)
         if radius is None:
-            dist, keys = self.search_keys(codes, k, collection, where=where, bbox=bbox)
-            return self._hits(collection, list(zip(dist, keys, strict=True)))
+            found = self.search_keys(codes, k, collection, where=where, bbox=bbox, allowed=allowed)
+            return self._hits(collection, list(zip(*found, strict=True)))
         state = self._state
         col = self._collection(state, collection)
-        allowed = None
+        keys = self._keys_allowed(state, collection, where, bbox, allowed)
+        return self._hits(
+            collection, col.engine.range_search(pad_packed(codes, self.bits), radius, keys)
+        )
+
+    def resolve_filter(
+        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
+    ) -> Allowed:
+        state = self._state
+        keys = self._allowed(state, collection, where, bbox)
+        return Allowed(collection, int(state.manifest["generation"]), keys)
+
+    def _keys_allowed(
+        self,
+        state: _State,
+        collection: str,
+        where: str | None,
+        bbox: tuple[float, float, float, float] | None,
+        allowed: Allowed | None,
+    ) -> np.ndarray | None:
+        """The keys a search may return: `allowed`'s (resolved at this state's generation),
+        the filter's, or None for all."""
+        if allowed is not None:
+            gen = int(state.manifest["generation"])
+            if allowed.generation != gen:
+                raise StaleFilter(
+                    f"{self.path}: filter resolved at generation {allowed.generation}, "
+                    f"the index is at {gen}"
+                )
+            if allowed.collection != collection:
+                raise RshashError(f"filter resolved for {allowed.collection}, not {collection}")
+            return allowed.keys
         if where is not None or bbox is not None:
-            allowed = self._allowed(state, collection, where, bbox)
-        found = col.engine.range_search(pad_packed(codes, self.bits), radius, allowed)
-        return self._hits(collection, found)
+            return self._allowed(state, collection, where, bbox)
+        return None
 
     def search_keys(
         self,
@@ -831,16 +944,15 @@ class Index(Searcher):
         *,
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
+        allowed: Allowed | None = None,
     ) -> Hits:
         """Top-k (distances, keys) per query without the records: (q, k) arrays, key -1 past
         the matching items."""
         check_query(k, None, self.bits)
         state = self._state
         col = self._collection(state, collection)
-        allowed = None
-        if where is not None or bbox is not None:
-            allowed = self._allowed(state, collection, where, bbox)
-        return col.engine.search(pad_packed(codes, self.bits), min(k, len(col)), allowed)
+        keys = self._keys_allowed(state, collection, where, bbox, allowed)
+        return col.engine.search(pad_packed(codes, self.bits), min(k, len(col)), keys)
 
     def _hits(self, collection: str, found: list[Hits]) -> list[list[Hit]]:
         """Hits with their records, fetched by key in one query per 900 keys."""

@@ -23,9 +23,10 @@ from rshash.errors import RshashError
 from rshash.fileio import write_json_atomic
 from rshash.index.build import caption_records, image_records, source_entry
 from rshash.index.encoder import CodeEncoder
-from rshash.index.index import Hit, Index, Searcher, check_query
+from rshash.index.filters import check_bbox, compile_where
+from rshash.index.index import Allowed, Hit, Index, Searcher, check_query, record_fields
 from rshash.index.packing import empty_codes
-from rshash.index.store import LOCK
+from rshash.index.store import COLLECTIONS, LOCK, connect
 from rshash.training.run import HashRun
 
 SHARDS = "shards.json"
@@ -158,7 +159,9 @@ class _Shard:
     index reads its records from SQLite there).
     """
 
-    def __init__(self, name: str, contents: dict[str, bytes]) -> None:
+    def __init__(
+        self, name: str, contents: dict[str, bytes], fields: dict[str, frozenset[str]]
+    ) -> None:
         self.name = name
         self._folder = tempfile.TemporaryDirectory(prefix=f"rshash-{name}-")
         tmp = self._folder.name
@@ -167,6 +170,7 @@ class _Shard:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         self.index = Index.open(tmp, device="cpu")
+        self.index.shared_fields = fields  # a field of another shard matches nothing here
         probe = empty_codes(1, self.index.bits)
         for name, col in self.index.collections.items():  # compile the search kernels now
             if len(col):
@@ -190,6 +194,11 @@ class _Shard:
             return [[] for _ in codes]
         found = self.index.search_codes(codes, k, collection, radius, **filters)
         return [[(h.key, h.distance, h.item) for h in hits] for hits in found]
+
+    def prepare(self, collection: str, filters: dict[str, Any]) -> None:
+        """Resolve a filter into the shard's cache of matching keys, ahead of its searches."""
+        if collection in self.index.collections:
+            self.index.matching_keys(collection, **filters)
 
     def item(self, item_id: str, collection: str) -> dict[str, Any] | None:
         try:
@@ -236,9 +245,10 @@ class ShardedIndex(Searcher):
         self.path = path
         self.timeout = timeout
         self.manifest = self.manifests[0]
+        self.fields = {c: self._union_fields(c) for c in COLLECTIONS}
         self._contents = [ray.put(shard_files(path / name)) for name in self.names]
         self.actors = [
-            actor.remote(name, contents)
+            actor.remote(name, contents, self.fields)
             for name, contents in zip(self.names, self._contents, strict=True)
         ]
         self._ray = ray
@@ -248,6 +258,45 @@ class ShardedIndex(Searcher):
         self.nodes: dict[str, str] = dict(started)
         self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"))
         self.last_degraded: list[str] = []
+
+    def _union_fields(self, collection: str) -> frozenset[str]:
+        """The record fields of `collection` in any shard: from its manifest, or for a shard
+        written before manifests listed them, from its records."""
+        known: set[str] = set()
+        for name, manifest in zip(self.names, self.manifests, strict=True):
+            if collection not in manifest["collections"]:
+                continue
+            if "fields" in manifest:
+                known.update(manifest["fields"].get(collection, ()))
+                continue
+            db = connect(self.path / name, write=False)
+            try:
+                known |= record_fields(db, collection)
+            finally:
+                db.close()
+        return frozenset(known)
+
+    def _filters(
+        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
+    ) -> dict[str, Any]:
+        """The filter as the shards take it, checked first against the fields of every shard
+        (one answer for the union: a shard that lacks a field just matches nothing)."""
+        filters: dict[str, Any] = {}
+        if where is not None:
+            compile_where(where, self.fields.get(collection, frozenset()))
+            filters["where"] = where
+        if bbox is not None:
+            filters["bbox"] = check_bbox(bbox)
+        return filters
+
+    def resolve_filter(
+        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
+    ) -> None:
+        """Check the filter, and have every shard resolve it into its cache ahead of the search
+        (the keys stay in the shards: the search applies the filter there)."""
+        filters = self._filters(collection, where, bbox)
+        if filters:
+            self._gather([a.prepare.remote(collection, filters) for a in self.actors], "filter")
 
     @property
     def bits(self) -> int:
@@ -314,13 +363,12 @@ class ShardedIndex(Searcher):
         *,
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
+        allowed: Allowed | None = None,
     ) -> list[list[Hit]]:
         check_query(k, radius, self.bits)
-        filters: dict[str, Any] = {}
-        if where is not None:
-            filters["where"] = where
-        if bbox is not None:
-            filters["bbox"] = bbox
+        if allowed is not None:
+            raise RshashError(f"{self.path}: shards resolve filters themselves; pass where/bbox")
+        filters = self._filters(collection, where, bbox)
         codes = np.ascontiguousarray(codes, np.uint8)
         refs = [a.search.remote(codes, k, collection, radius, filters) for a in self.actors]
         parts = self._gather(refs, "search")

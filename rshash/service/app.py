@@ -4,8 +4,10 @@ The index (a directory, or a sharded index: a directory with `shards.json`) and 
 once, when the app is created. Every search goes through one dynamic batcher (see `batcher`):
 concurrent queries share an encoder forward pass and a batched search; past the queue bound the
 service answers 503 with `Retry-After` at once. Between batches the index switches to a newer
-generation committed by another process (`rshash index add/remove`). Bad requests get a 4xx
-answer with a JSON body {"error": "..."}; the server keeps serving.
+generation committed by another process (`rshash index add/remove`). A request's filter
+(`where`, `bbox`) is checked and resolved to its matching items in a worker thread of its own
+before the request joins a batch, so a slow or hostile filter never holds up other queries. Bad
+requests get a 4xx answer with a JSON body {"error": "..."}; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,21 +33,26 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
 from rshash.index import Hit, Index
 from rshash.index.encoder import MAX_QUERY_PIXELS
+from rshash.index.filters import check_text
+from rshash.index.index import Allowed, StaleFilter
 from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
 from rshash.service.body_limit import BodyLimit
 from rshash.service.geo_routes import geo_router, render, tile_png
+from rshash.service.limits import BackgroundThreads
 from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
 from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
 from rshash.service.served_files import ServedFiles
 from rshash.service.thumbnails import thumbnail_of
 
 MULTIPART_SLACK = 64 * 1024  # form fields and part headers beside an upload of the size limit
+FILTER_TRIES = 3  # resolutions of a filter when the index changes generation in between
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/tiff", "image/webp", "image/bmp", "image/gif"}
 log = logging.getLogger("rshash.service")
 
@@ -55,7 +62,7 @@ class ServiceConfig:
     max_query_chars: int = 500
     max_upload_bytes: int = 10 * 1024 * 1024
     max_upload_pixels: int = MAX_QUERY_PIXELS  # checked from the header, before decoding
-    max_body_bytes: int = 64 * 1024  # any other request body (JSON queries)
+    max_body_bytes: int = 64 * 1024  # any other request body (a 4096-character filter fits)
     decode_workers: int = 4  # uploads decoded at once (each up to max_upload_pixels × 3 bytes)
     max_k: int = 200
     thumbnail_size: int = 256
@@ -70,6 +77,7 @@ class ServiceConfig:
     ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
     shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
     torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
+    filter_threads: int = 2  # filters resolved at once (lower-priority threads apart from batches)
 
 
 class TextQuery(BaseModel):
@@ -123,6 +131,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     index = open_index(index_path, cfg)
     thumbs = Path(index_path) / "thumbnails"
     metrics = ServiceMetrics()
+    filter_threads = BackgroundThreads(cfg.filter_threads, cfg.max_queue)
     filters_supported = "where" in inspect.signature(index.search_codes).parameters
     last_refresh = [time.monotonic()]
 
@@ -148,6 +157,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await batcher.close()
+        filter_threads.close()
 
     app = FastAPI(
         title="rshash search",
@@ -200,11 +210,28 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             headers={"Retry-After": str(cfg.retry_after_s)},
         )
 
+    async def resolve(request: SearchRequest) -> Allowed | None:
+        """The request's filter checked (RshashError: 400) and resolved, in a worker thread."""
+        if request.where is None and request.bbox is None:
+            return None
+        return await filter_threads.run(
+            index.resolve_filter, request.collection, request.where, request.bbox
+        )
+
     async def search(request: SearchRequest) -> list[Hit]:
-        try:
-            return await batcher.submit(request)
-        except QueueFull as exc:
-            raise busy(exc) from None
+        for _ in range(FILTER_TRIES):
+            try:
+                resolved = replace(request, allowed=await resolve(request))
+                return await batcher.submit(resolved)
+            except QueueFull as exc:
+                raise busy(exc) from None
+            except StaleFilter:  # the index switched generation in between: resolve again
+                continue
+        raise HTTPException(
+            503,
+            f"index kept changing under the filter; retry in {cfg.retry_after_s} s",
+            {"Retry-After": str(cfg.retry_after_s)},
+        )
 
     async def decoded(data: bytes, name: str) -> Image.Image:
         """The upload in the encoder's view, decoded only once admitted (shed first, not after)
@@ -222,8 +249,8 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         body = {**query, "count": len(hits), "results": [result(h) for h in hits]}
         return _json(render(body, output))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # also FastAPI's own (a body it cannot parse)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -277,6 +304,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
 
     @app.post("/search/text")
     async def search_text(q: TextQuery) -> Response:
+        check_text(q.query, "query")
         if len(q.query) > cfg.max_query_chars:
             raise HTTPException(422, f"query: longer than {cfg.max_query_chars} characters")
         if not q.query.strip():

@@ -3,7 +3,9 @@
 A batch of text and image requests is encoded in (at most) one text and one image forward pass;
 requests with the same options (collection, radius, where, bbox: everything but k) share one
 `search_codes` call at the group's largest k, and each caller's list is cut to its own k.
-Exact engines break ties by key, so the cut list equals the one-at-a-time answer.
+Exact engines break ties by key, so the cut list equals the one-at-a-time answer. A request's
+filter comes resolved (`allowed`, found in a worker thread before it was submitted; a sharded
+index's shards keep it in their caches), so a batch never runs a filter's SQL query itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 
 from rshash.features.views import plain_view
 from rshash.index.encoder import CodeEncoder, decode_image
-from rshash.index.index import Hit, Searcher
+from rshash.index.index import Allowed, Hit, Searcher
 from rshash.index.packing import empty_codes, pack_codes
 
 BBox = tuple[float, float, float, float]
@@ -36,9 +38,11 @@ class SearchRequest:
     bbox: BBox | None = None
     text: str | None = None
     image: Image.Image | None = None
+    allowed: Allowed | None = None  # where and bbox resolved (Index.resolve_filter)
 
     def group(self) -> tuple[Any, ...]:
-        return (self.collection, self.radius, self.where, self.bbox)
+        resolved_at = None if self.allowed is None else self.allowed.generation
+        return (self.collection, self.radius, self.where, self.bbox, resolved_at)
 
 
 def image_view(data: bytes, name: str, encoder: CodeEncoder, max_pixels: int) -> Image.Image:
@@ -70,10 +74,13 @@ def search_batch(index: Searcher, requests: list[SearchRequest]) -> list[list[Hi
     for members in groups.values():
         first = requests[members[0]]
         filters: dict[str, Any] = {}
-        if first.where is not None:
-            filters["where"] = first.where
-        if first.bbox is not None:
-            filters["bbox"] = first.bbox
+        if first.allowed is not None:
+            filters["allowed"] = first.allowed
+        else:
+            if first.where is not None:
+                filters["where"] = first.where
+            if first.bbox is not None:
+                filters["bbox"] = first.bbox
         k = max(requests[i].k for i in members)
         try:
             found = index.search_codes(codes[members], k, first.collection, first.radius, **filters)
