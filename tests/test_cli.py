@@ -39,7 +39,8 @@ def test_cli_pipeline(mini_dataset, tmp_path):
     r = rshash_cli("encode", run, "--features", feats)
     assert r.returncode == 0, r.stderr
     codes = np.load(run / "codes.npz")
-    assert codes["image_codes"].shape == (12, 2) and codes["text_codes"].shape == (60, 2)
+    # 16-bit codes packed like every other path: whole 64-bit words (8 bytes)
+    assert codes["image_codes"].shape == (12, 8) and codes["text_codes"].shape == (60, 8)
     r = rshash_cli("evaluate", run)
     assert r.returncode == 0, r.stderr
     assert "mAP@20 (DUCH def.)" in r.stdout and "mAP@20 (standard)" in r.stdout
