@@ -97,7 +97,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(json.dumps([name, list(t.shape), str(t.dtype)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -217,6 +217,19 @@ class _ImageGraph(torch.nn.Module):
         return self.encoder.forward(pixels)
 
 
+def image_model(torch_encoder: ImageEncoder) -> bytes:
+    """The verified fp32 ONNX model of an image encoder (exported on first use). The image side
+    of onnx-int8 uses it too: int8 convolutions lose the image features."""
+    graph = _ImageGraph(torch_encoder).cpu().float()
+
+    def export(path: Path) -> None:
+        example = torch.zeros(2, 3, 224, 224)
+        axes = {"pixels": {0: "n", 2: "h", 3: "w"}, "features": {0: "n"}}
+        _torch_export(graph, (example,), path, ["pixels"], axes)
+
+    return cached_model("image", torch_encoder.name, "onnx", weights_hash(graph), export)
+
+
 class OnnxImageEncoder(ImageEncoder):
     """A torch image encoder's exported graph, run by ONNX Runtime (fp32)."""
 
@@ -225,15 +238,7 @@ class OnnxImageEncoder(ImageEncoder):
         self.name, self.dim = torch_encoder.name, torch_encoder.dim
         self.mean, self.std = torch_encoder.mean, torch_encoder.std
         self.backend = backend
-        graph = _ImageGraph(torch_encoder).cpu().float()
-
-        def export(path: Path) -> None:
-            example = torch.zeros(2, 3, 224, 224)
-            axes = {"pixels": {0: "n", 2: "h", 3: "w"}, "features": {0: "n"}}
-            _torch_export(graph, (example,), path, ["pixels"], axes)
-
-        # int8 convolutions lose the image features: the image side of onnx-int8 stays fp32
-        data = cached_model("image", self.name, "onnx", weights_hash(graph), export)
+        data = image_model(torch_encoder)
         self.session = _session(data, threads)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
