@@ -157,7 +157,7 @@ def test_query_cache_returns_the_uncached_code(ucm_index):
 def test_service_counts_cache_hits_and_misses(ucm_index):
     """Guards against /metrics missing the cache counters, or a repeated query not hitting."""
     with running_service(ucm_index, ServiceConfig(query_cache=16)) as url:
-        http = httpx.Client(base_url=url, timeout=60)
+        http = httpx.Client(base_url=url, timeout=300)  # the first query loads the encoder
         answers = [
             http.post("/search/text", json={"query": q, "k": 5}).json()
             for q in ("a river", "a  river", "a beach")
