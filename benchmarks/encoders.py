@@ -132,7 +132,7 @@ def map_at_20(run: HashRun, store: FeatureStore, query: tuple, archive: tuple) -
     out = {}
     for name, (q, r) in DIRECTIONS.items():
         scores = score_retrieval(*sides["query"][q], *sides["retrieval"][r])
-        out[name] = round(float(scores.summary()["map@20"]), 4)
+        out[name] = round(float(scores.summary()["map@20_duch"]), 4)
     return out
 
 
