@@ -28,6 +28,12 @@ SkipBad = Annotated[
     typer.Option("--skip-bad", help="Skip unreadable images and report them instead of failing."),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
+Backend = Annotated[
+    str,
+    typer.Option(
+        help="Inference backend: auto (onnx on CPU, torch on a GPU), torch, onnx, onnx-int8."
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Features = Annotated[
     Path | None,
@@ -98,11 +104,15 @@ def features_extract(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
     device: Device = "auto",
+    backend: Backend = "auto",
     skip_bad: SkipBad = False,
 ) -> None:
     """Encode both views of every image and caption; resumes an interrupted run."""
     from rshash.data import load_dataset
     from rshash.features import ExtractConfig, FeatureStore, extract_features
+    from rshash.features.backends import check_backend
+
+    check_backend(backend)
 
     ds = load_dataset(dataset, skip_bad=skip_bad)
     if ds.skipped:
@@ -115,6 +125,7 @@ def features_extract(
         image_batch=batch_size,
         seed=seed,
         device=device,
+        backend=backend,
     )
     path = extract_features(ds, out, cfg)
     store = FeatureStore.open(path)
@@ -371,6 +382,7 @@ def index_build(
     fields: Fields = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Device = "auto",
+    backend: Backend = "auto",
     skip_bad: SkipBad = False,
     tile: Tile = None,
     stride: Stride = None,
@@ -378,8 +390,10 @@ def index_build(
     lock_timeout: LockTimeout = None,
 ) -> None:
     """Encode every image (and caption) of DATA with RUN's model into a new index."""
+    from rshash.features.backends import check_backend
     from rshash.index.build import BuildConfig, build_index, read_extra_fields
 
+    check_backend(backend)
     wait = _lock_timeout(lock_timeout)
     ds = _archive(data, skip_bad, tile, stride, bands, features)
     params = {"nprobe": nprobe} if engine == "faiss-ivf" else {}
@@ -388,6 +402,7 @@ def index_build(
         engine_params=params,
         image_batch=batch_size,
         device=device,
+        backend=backend,
         lock_timeout_s=wait,
     )
     index = build_index(run, ds, out, cfg, features, read_extra_fields(fields, ds.image_ids))
@@ -402,6 +417,7 @@ def index_add(
     fields: Fields = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Device = "auto",
+    backend: Backend = "auto",
     skip_bad: SkipBad = False,
     tile: Tile = None,
     stride: Stride = None,
@@ -409,11 +425,13 @@ def index_add(
     lock_timeout: LockTimeout = None,
 ) -> None:
     """Encode DATA with the index's own model and add it, without rebuilding."""
+    from rshash.features.backends import check_backend
     from rshash.index.build import BuildConfig, add_to_index, read_extra_fields
 
+    check_backend(backend)
     wait = _lock_timeout(lock_timeout)
     ds = _archive(data, skip_bad, tile, stride, bands, features)
-    cfg = BuildConfig(image_batch=batch_size, device=device, lock_timeout_s=wait)
+    cfg = BuildConfig(image_batch=batch_size, device=device, backend=backend, lock_timeout_s=wait)
     idx, added = add_to_index(index, ds, cfg, features, read_extra_fields(fields, ds.image_ids))
     typer.echo(f"added {added} images")
     _echo_index(idx)
@@ -529,6 +547,7 @@ def _echo_index(index: Any) -> None:
         f"generation {m['generation']}"
     )
     typer.echo(f"model: {m['model']['method']} from {m['model']['source_run']}")
+    typer.echo(f"encoded with backend: {m['model'].get('backend', 'torch')}")
     for name, info in m["collections"].items():
         report = ", ".join(f"{k} {v:.3f}" for k, v in info.get("report", {}).items())
         parts = f"{info['count']} items, {info['tombstones']} removed, "
@@ -561,12 +580,14 @@ def search(
     ] = None,
     as_json: AsJson = False,
     device: Device = "auto",
+    backend: Backend = "auto",
     output: Annotated[
         str,
         typer.Option("--format", help="table, json, or geojson (a FeatureCollection for QGIS)."),
     ] = "table",
 ) -> None:
     """Nearest images (or captions) to a text or an image query, by Hamming distance."""
+    from rshash.features.backends import check_backend
     from rshash.index import Index
 
     if (text is None) == (image is None):
@@ -576,7 +597,7 @@ def search(
     if radius is None and k <= 0:
         raise RshashError(f"-k: expected a positive number of results, got {k}")
     box = _bbox(bbox) if bbox is not None else None
-    idx = Index.open(index, device=device)
+    idx = Index.open(index, device=device, backend=check_backend(backend))
     if image is not None:
         hits = idx.search_image(image, k, target, radius, where=where, bbox=box)
     else:
@@ -627,12 +648,23 @@ def serve(
     torch_threads: Annotated[
         int | None, typer.Option(help="Encoder threads (default: one per core).")
     ] = None,
+    backend: Backend = "auto",
+    query_cache: Annotated[
+        int, typer.Option(help="Text queries whose codes are kept (LRU); 0 turns the cache off.")
+    ] = 4096,
 ) -> None:
     """Serve search over INDEX: JSON API, OpenAPI at /docs, metrics at /metrics, a web page at /."""
     import uvicorn
 
+    from rshash.features.backends import check_backend
     from rshash.service import ServiceConfig, create_app
+    from rshash.service.query_cache import MAX_QUERY_CACHE
 
+    check_backend(backend)
+    if not 0 <= query_cache <= MAX_QUERY_CACHE:
+        raise RshashError(
+            f"--query-cache: expected 0 (off) to {MAX_QUERY_CACHE:,} entries, got {query_cache}"
+        )
     positive: dict[str, int | None] = {"--max-batch": max_batch, "--max-queue": max_queue}
     positive["--torch-threads"] = torch_threads
     for flag, value in positive.items():
@@ -656,6 +688,8 @@ def serve(
         shard_timeout_s=shard_timeout,
         ray_address=ray_address,
         torch_threads=torch_threads,
+        backend=backend,
+        query_cache=query_cache,
     )
     app_ = create_app(index, cfg)
     typer.echo(f"serving {index} at http://{host}:{port}/ (API docs at /docs)")

@@ -17,6 +17,8 @@ DATA_ROOT = Path(os.environ.get("RSHASH_DATA", REPO.parent / "shared" / "dataset
 CACHE = REPO / ".cache" / "tests"
 UCM = DATA_ROOT / "ucm-captions"
 RSSCN7 = DATA_ROOT / "rsscn7"
+# ONNX models exported by the backends: once per cache, shared by tests and their subprocesses
+os.environ.setdefault("RSHASH_CACHE", str(CACHE / "rshash"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from rshash.data.dataset import Dataset
 from rshash.data.images import load_rgb
+from rshash.features.backends import AUTO, resolve_backend, with_backend
 from rshash.features.encoders import (
     DEFAULT_IMAGE_ENCODER,
     DEFAULT_TEXT_ENCODER,
@@ -52,6 +53,7 @@ class ExtractConfig:
     text_batch: int = 256
     seed: int = 0
     device: str = "auto"
+    backend: str = AUTO  # inference backend (see rshash.features.backends); recorded in the store
     workers: int = 4
     views: ImageViewConfig = field(default_factory=ImageViewConfig)
 
@@ -86,6 +88,7 @@ def _job_key(ds: Dataset, cfg: ExtractConfig) -> str:
             "captions": [list(c) for c in ds.captions],
             "image_encoder": cfg.image_encoder,
             "text_encoder": cfg.text_encoder,
+            "backend": cfg.backend,
             "image_batch": cfg.image_batch,
             "text_batch": cfg.text_batch,
             "seed": cfg.seed,
@@ -145,9 +148,12 @@ def _extract_texts(
         bar.update(stop - start)
 
 
-def _metadata(ds: Dataset, cfg: ExtractConfig, img: ImageEncoder, txt: TextEncoder | None) -> dict:
+def _metadata(
+    ds: Dataset, cfg: ExtractConfig, img: ImageEncoder, txt: TextEncoder | None, backend: str
+) -> dict:
     return {
         "format": "rshash-features/1",
+        "backend": backend,
         "dataset": {"name": ds.name, "source": str(ds.source), "images": len(ds)},
         "class_names": list(ds.class_names) if ds.class_names else None,
         "image_encoder": img.describe(),
@@ -206,8 +212,12 @@ def extract_features(
     partial_path = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    img_enc = load_image_encoder(cfg.image_encoder, device)
-    txt_enc = load_text_encoder(cfg.text_encoder, device) if ds.has_captions else None
+    backend = resolve_backend(cfg.backend, device)
+    cfg = replace(cfg, backend=backend)
+    img_enc = with_backend(load_image_encoder(cfg.image_encoder, device), backend)
+    txt_enc = None
+    if ds.has_captions:
+        txt_enc = with_backend(load_text_encoder(cfg.text_encoder, device), backend)
     views = caption_views(ds, cfg.seed) if ds.has_captions else None
     unique = sorted(set(views.raw + views.augmented + views.perturbed)) if views else []
     key = _job_key(ds, cfg)
@@ -224,7 +234,7 @@ def extract_features(
             images_done = time.perf_counter()
             if txt_enc is not None:
                 _extract_texts(f, unique, cfg, txt_enc, bar)
-        meta = _metadata(ds, cfg, img_enc, txt_enc)
+        meta = _metadata(ds, cfg, img_enc, txt_enc, backend)
         meta["timing"] = {
             "image_seconds": round(images_done - started, 3),
             "text_seconds": round(time.perf_counter() - images_done, 3),

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
+from rshash.features.backends import AUTO, check_compatible
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path
 from rshash.index.encoder import CodeEncoder
@@ -40,6 +41,7 @@ from rshash.training.run import HashRun
 
 T = TypeVar("T")
 JOB_LOCK = "job.lock"  # held by the process encoding into a job folder
+PREFETCH = 2  # image batches decoded ahead of the one being encoded
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,9 @@ class BuildConfig:
     engine_params: dict[str, Any] = field(default_factory=dict)
     image_batch: int = 32
     text_batch: int = 256
-    workers: int = 4
+    workers: int = 4  # threads decoding and resizing images ahead of the encoder
     device: str = "auto"
+    backend: str = AUTO  # inference backend (see rshash.features.backends)
     lock_timeout_s: float = LOCK_TIMEOUT_S  # longest wait for another writer's lock
 
 
@@ -194,7 +197,7 @@ def _job_key(ds: ImageSource, cfg: BuildConfig, encoder: CodeEncoder, features: 
     h.update(str(getattr(ds, "build_key", "")).encode())
     for image_id, caps in zip(ds.image_ids, ds.captions, strict=True):
         h.update(json.dumps([image_id, list(caps)]).encode())
-    h.update(json.dumps([cfg.image_batch, cfg.text_batch, features]).encode())
+    h.update(json.dumps([cfg.image_batch, cfg.text_batch, features, encoder.backend]).encode())
     h.update(model_fingerprint(encoder.run.path).encode())
     return h.hexdigest()
 
@@ -214,27 +217,58 @@ def encode_archive(
     """
     run = encoder.run
 
-    def images(start: int, stop: int) -> np.ndarray:
-        if store is not None:
-            return pack_codes(run.encode_images(store.image["plain"][start:stop]))
-        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-            return encoder.encode_images(list(pool.map(ds.load_image, range(start, stop))))
-
     def texts(start: int, batch: list[dict[str, Any]]) -> np.ndarray:
         if store is not None:
             return pack_codes(run.encode_texts(store.text["plain"][start : start + len(batch)]))
         return encoder.encode_texts([r["text"] for r in batch])
 
     with _bar(ds, "encode", progress) as bar:
-        for b, start in enumerate(range(0, len(ds), cfg.image_batch)):
-            stop = min(start + cfg.image_batch, len(ds))
-            _saved(work, "images", b, partial(images, start, stop))
-            bar.update(stop - start)
+        if store is not None:
+            for b, (start, stop) in enumerate(_ranges(len(ds), cfg.image_batch)):
+                features = store.image["plain"][start:stop]
+                _saved(work, "images", b, partial(_store_codes, run, features))
+                bar.update(stop - start)
+        else:
+            _encode_images(encoder, ds, work, cfg, bar)
         start = 0
         for b, batch in enumerate(_batches(_caption_rows(ds), cfg.text_batch)):
             _saved(work, "captions", b, partial(texts, start, batch))
             start += len(batch)
             bar.update(len(batch))
+
+
+def _store_codes(run: HashRun, features: np.ndarray) -> np.ndarray:
+    return pack_codes(run.encode_images(features))
+
+
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _encode_images(
+    encoder: CodeEncoder, ds: ImageSource, work: Path, cfg: BuildConfig, bar: tqdm
+) -> None:
+    """Image batches not saved yet, encoded while a thread pool decodes and resizes the next
+    `PREFETCH` batches: the encoder's thread does nothing but encode."""
+    todo = [
+        (b, r)
+        for b, r in enumerate(_ranges(len(ds), cfg.image_batch))
+        if not (work / f"images-{b:06d}.npy").exists()
+    ]
+    bar.update(len(ds) - sum(stop - start for _, (start, stop) in todo))
+
+    def view(i: int) -> Any:
+        return encoder.view(ds.load_image(i))
+
+    with ThreadPoolExecutor(max_workers=max(cfg.workers, 1)) as pool:
+        pending: list[list[Future[Any]]] = []
+        for j, (b, (start, stop)) in enumerate(todo):
+            while len(pending) <= PREFETCH and j + len(pending) < len(todo):
+                lo, hi = todo[j + len(pending)][1]
+                pending.append([pool.submit(view, i) for i in range(lo, hi)])
+            views = [f.result() for f in pending.pop(0)]
+            _saved(work, "images", b, partial(encoder.encode_views, views))
+            bar.update(stop - start)
 
 
 def ingest_archive(
@@ -266,6 +300,8 @@ def _bar(ds: ImageSource, desc: str, progress: bool) -> tqdm:
 def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder) -> FeatureStore:
     store = FeatureStore.open(features)
     encoder.run.check_features(store)
+    built = str(store.metadata.get("backend", "torch"))
+    check_compatible(built, encoder.backend, f"{features} (feature store)")
     if tuple(store.image_ids) != tuple(ds.image_ids):
         raise RshashError(f"{features}: feature store holds other images than {ds.source}")
     return store
@@ -282,7 +318,7 @@ def _commit_archive(
     """Ingest the saved batches under the writer lock and commit them as one generation."""
     try:
         ingest_archive(index, ds, work, cfg, extra, progress)
-        index.commit(source_entry(ds, images=len(ds)))
+        index.commit(source_entry(ds, images=len(ds), backend=index.encoder.backend))
     finally:
         index.close()
 
@@ -308,13 +344,19 @@ def build_index(
         raise RshashError(f"{out}: an index already exists here (use `rshash index add`)")
     run = HashRun.open(run_dir)
     make_engine(cfg.engine, run.bits, cfg.engine_params)  # a bad engine fails before encoding
-    encoder = CodeEncoder(run, cfg.device)
+    encoder = CodeEncoder(run, cfg.device, cfg.backend)
     store = _matching_store(features, ds, encoder) if features else None
     key = _job_key(ds, cfg, encoder, store is not None)
     with _job_dir(out.with_name(out.name + ".partial"), key) as work:
         encode_archive(encoder, ds, work, cfg, store, progress)
         index = Index.create(
-            out, run_dir, cfg.engine, cfg.engine_params, cfg.device, cfg.lock_timeout_s
+            out,
+            run_dir,
+            cfg.engine,
+            cfg.engine_params,
+            cfg.device,
+            cfg.lock_timeout_s,
+            encoder.backend,
         )
         _commit_archive(index, ds, work, cfg, extra, progress)
     return index
@@ -334,7 +376,9 @@ def add_to_index(
     """
     cfg = cfg or BuildConfig()
     check_extra_fields(extra or {})
-    index = Index.open(index_path, device=cfg.device, lock_timeout_s=cfg.lock_timeout_s)
+    index = Index.open(
+        index_path, device=cfg.device, lock_timeout_s=cfg.lock_timeout_s, backend=cfg.backend
+    )
     index._check_new_ids("images", [{"id": i} for i in ds.image_ids])  # fail before encoding
     store = _matching_store(features, ds, index.encoder) if features else None
     key = _job_key(ds, cfg, index.encoder, store is not None)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from rshash.data.images import load_rgb
 from rshash.errors import RshashError
+from rshash.features.backends import AUTO, resolve_backend, with_backend
 from rshash.features.encoders import (
     ImageEncoder,
     TextEncoder,
@@ -28,11 +29,13 @@ from rshash.training.run import HashRun
 
 
 class CodeEncoder:
-    """Feature encoders + hash networks of one run; encoders load on first use."""
+    """Feature encoders + hash networks of one run, on one inference backend (see
+    `rshash.features.backends`); encoders load on first use."""
 
-    def __init__(self, run: HashRun, device: str = "auto") -> None:
+    def __init__(self, run: HashRun, device: str = "auto", backend: str = AUTO) -> None:
         self.run = run
         self.device = resolve_device(device)
+        self.backend = resolve_backend(backend, self.device)
         features = json.loads((run.path / "config.json").read_text())["features"]
         views: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v
@@ -45,17 +48,28 @@ class CodeEncoder:
     @property
     def image_encoder(self) -> ImageEncoder:
         if self._image is None:
-            self._image = load_image_encoder(self.run.info["image_encoder"], self.device)
+            encoder = load_image_encoder(self.run.info["image_encoder"], self.device)
+            self._image = with_backend(encoder, self.backend)
         return self._image
 
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
-            self._text = load_text_encoder(self.run.info["text_encoder"], self.device)
+            encoder = load_text_encoder(self.run.info["text_encoder"], self.device)
+            self._text = with_backend(encoder, self.backend)
         return self._text
 
     def image_features(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.image_encoder.encode([plain_view(img, self.views) for img in images])
+
+    def view(self, image: Image.Image) -> Image.Image:
+        """An image in the encoder's input view (decode-side work, safe in any thread)."""
+        return plain_view(image, self.views)
+
+    def encode_views(self, views: Sequence[Image.Image]) -> np.ndarray:
+        """Packed codes of images already in the input view: one forward pass."""
+        with torch.no_grad():
+            return pack_codes(self.run.encode_images(self.image_encoder.encode(views)))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Packed codes (n, K/8) of PIL images."""

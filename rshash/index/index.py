@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from rshash.errors import RshashError
+from rshash.features.backends import AUTO, check_compatible, resolve_backend
 from rshash.fileio import fsync_dir, fsync_file, write_bytes_durable, write_json_atomic
 from rshash.index import integrity, store
 from rshash.index.encoder import CodeEncoder, decode_image
@@ -55,7 +56,7 @@ from rshash.index.store import (
     live_sql,
 )
 from rshash.models.model_file import MODEL, MODEL_FILES, model_fingerprint
-from rshash.reproducibility import provenance
+from rshash.reproducibility import provenance, resolve_device
 from rshash.training.run import HashRun
 
 MAX_K = 10_000
@@ -217,6 +218,11 @@ def record_fields(db: sqlite3.Connection, collection: str) -> frozenset[str]:
     return frozenset(r[0] for r in rows)
 
 
+def encoded_with(manifest: dict[str, Any]) -> str:
+    """The backend an index's codes were encoded with (indexes before backends: torch)."""
+    return str(manifest["model"].get("backend", "torch"))
+
+
 def check_query(k: int, radius: int | None, bits: int) -> None:
     """k in 1..MAX_K, or a radius in 0..bits (a code is never farther than its length)."""
     if radius is not None and not 0 <= radius <= bits:
@@ -235,10 +241,12 @@ class Index(Searcher):
         run: HashRun,
         device: str = "auto",
         lock_timeout_s: float = store.LOCK_TIMEOUT_S,
+        backend: str = AUTO,
     ) -> None:
         self.path = path
         self.run = run
-        self.encoder = CodeEncoder(run, device)
+        self.encoder = CodeEncoder(run, device, backend)
+        check_compatible(encoded_with(manifest), self.encoder.backend, str(path))
         self._state = _State(manifest)
         self._lock = store.WriteLock(path, lock_timeout_s)
         self._local = threading.local()
@@ -292,6 +300,7 @@ class Index(Searcher):
         engine_params: dict[str, Any] | None = None,
         device: str = "auto",
         lock_timeout_s: float = store.LOCK_TIMEOUT_S,
+        backend: str = AUTO,
     ) -> Index:
         """A new, empty index for `run_dir`'s model; holds the writer lock until `commit()`.
 
@@ -315,12 +324,13 @@ class Index(Searcher):
                 "method": run.config.method,
                 "image_encoder": run.info["image_encoder"],
                 "text_encoder": run.info["text_encoder"],
+                "backend": resolve_backend(backend, resolve_device(device)),
             },
             "collections": {},
             "sources": [],
         }
         path.mkdir(parents=True, exist_ok=True)
-        index = cls(path, manifest, run, device, lock_timeout_s)
+        index = cls(path, manifest, run, device, lock_timeout_s, backend)
         index._lock.acquire()
         if (path / MANIFEST).exists():
             index._lock.release()
@@ -341,7 +351,7 @@ class Index(Searcher):
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)  # made durable by the first commit's directory sync
         index.run = HashRun.open(model_dir)
-        index.encoder = CodeEncoder(index.run, device)
+        index.encoder = CodeEncoder(index.run, device, backend)
         return index
 
     @classmethod
@@ -352,6 +362,7 @@ class Index(Searcher):
         device: str = "auto",
         lock_timeout_s: float = store.LOCK_TIMEOUT_S,
         verify: bool | None = None,
+        backend: str = AUTO,
     ) -> Index:
         """Open an index; with `expect_model` (a run directory), refuse one built by another.
 
@@ -369,7 +380,8 @@ class Index(Searcher):
                     f"{path}: index was built with the model of {manifest['model']['source_run']}"
                     f", not with {expect_model}; rebuild it or use that model"
                 )
-        index = cls(path, manifest, integrity.load_model(path), device, lock_timeout_s)
+        model = integrity.load_model(path)
+        index = cls(path, manifest, model, device, lock_timeout_s, backend)
         index._state = index._load_newest(manifest)
         return index
 

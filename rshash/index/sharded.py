@@ -20,13 +20,23 @@ from tqdm import tqdm
 
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
+from rshash.features.backends import AUTO, check_backend, check_compatible, resolve_backend
 from rshash.fileio import write_json_atomic
 from rshash.index.build import caption_records, image_records, source_entry
 from rshash.index.encoder import CodeEncoder
 from rshash.index.filters import check_bbox, compile_where
-from rshash.index.index import Allowed, Hit, Index, Searcher, check_query, record_fields
+from rshash.index.index import (
+    Allowed,
+    Hit,
+    Index,
+    Searcher,
+    check_query,
+    encoded_with,
+    record_fields,
+)
 from rshash.index.packing import empty_codes
 from rshash.index.store import COLLECTIONS, LOCK, connect
+from rshash.reproducibility import resolve_device
 from rshash.training.run import HashRun
 
 SHARDS = "shards.json"
@@ -46,8 +56,8 @@ class EncodeImages:
     of image numbers → packed codes. Workers load the images themselves (files, or tiles read
     from their scenes' windows), so no pixels pass through the driver."""
 
-    def __init__(self, run_dir: str, device: str, source: ImageSource) -> None:
-        self.encoder = CodeEncoder(HashRun.open(run_dir), device)
+    def __init__(self, run_dir: str, device: str, source: ImageSource, backend: str = AUTO) -> None:
+        self.encoder = CodeEncoder(HashRun.open(run_dir), device, backend)
         self.source = source
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,6 +74,7 @@ def ray_encode_images(
     device: str = "auto",
     address: str | None = None,
     progress: bool = True,
+    backend: str = AUTO,
 ) -> np.ndarray:
     """Packed codes of every image of `ds` (a `Dataset`, `SceneTiles`: any image source),
     encoded by `workers` Ray Data workers. Each worker gets a copy of the source and loads its
@@ -75,7 +86,7 @@ def ray_encode_images(
     )
     encoded = rows.map_batches(
         EncodeImages,
-        fn_constructor_args=(str(run_dir), device, ds),
+        fn_constructor_args=(str(run_dir), device, ds, check_backend(backend)),
         batch_size=batch,
         batch_format="numpy",
         concurrency=workers,
@@ -98,26 +109,30 @@ def ray_build_shards(
     engine: str = "exact",
     image_codes: np.ndarray | None = None,
     caption_codes: np.ndarray | None = None,
+    backend: str = AUTO,
     **encode_options: Any,
 ) -> list[Path]:
     """Encode `ds` on Ray and write `shards` index shards with global keys.
 
     Codes already at hand (say, from a feature store) can be passed instead of being encoded.
+    `backend` (see `rshash.features.backends`) encodes images on the workers and captions here;
+    "auto" resolves on this (the driver's) device and is recorded in every shard.
     """
+    backend = resolve_backend(backend, resolve_device(encode_options.get("device", "auto")))
     out = Path(out)
     if (out / SHARDS).exists():
         raise RshashError(f"{out}: a sharded index already exists here")
     if image_codes is None:
-        image_codes = ray_encode_images(run_dir, ds, **encode_options)
+        image_codes = ray_encode_images(run_dir, ds, backend=backend, **encode_options)
     images, captions = image_records(ds), caption_records(ds)
     texts = [c["text"] for c in captions]
     if caption_codes is None and texts:
-        caption_codes = CodeEncoder(HashRun.open(run_dir)).encode_texts(texts)
+        caption_codes = CodeEncoder(HashRun.open(run_dir), backend=backend).encode_texts(texts)
     cap_start = np.concatenate([[0], np.cumsum([len(c) for c in ds.captions])])
     paths = []
     for s in range(shards):
         lo, hi = s * len(ds) // shards, (s + 1) * len(ds) // shards
-        shard = Index.create(out / f"shard-{s:03d}", run_dir, engine)
+        shard = Index.create(out / f"shard-{s:03d}", run_dir, engine, backend=backend)
         shard.add("images", image_codes[lo:hi], images[lo:hi], first_key=lo)
         a, b = int(cap_start[lo]), int(cap_start[hi])
         if caption_codes is not None and b > a:
@@ -169,7 +184,8 @@ class _Shard:
             target = Path(tmp) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        self.index = Index.open(tmp, device="cpu")
+        built = encoded_with(json.loads((Path(tmp) / "index.json").read_text()))
+        self.index = Index.open(tmp, device="cpu", backend=built)  # searches codes only
         self.index.shared_fields = fields  # a field of another shard matches nothing here
         probe = empty_codes(1, self.index.bits)
         for name, col in self.index.collections.items():  # compile the search kernels now
@@ -223,6 +239,7 @@ class ShardedIndex(Searcher):
         address: str | None = None,
         timeout: float = 30.0,
         shard_cpus: float = 0.5,
+        backend: str = AUTO,
     ) -> None:
         path = Path(path)
         manifest_path = path / SHARDS
@@ -256,7 +273,9 @@ class ShardedIndex(Searcher):
         pings = [a.ping.remote() for a in self.actors]
         started = self._gather(pings, "start", timeout=max(self.timeout, START_TIMEOUT))
         self.nodes: dict[str, str] = dict(started)
-        self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"))
+        self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"), backend=backend)
+        for name, manifest in zip(self.names, self.manifests, strict=True):
+            check_compatible(encoded_with(manifest), self.encoder.backend, str(path / name))
         self.last_degraded: list[str] = []
 
     def _union_fields(self, collection: str) -> frozenset[str]:

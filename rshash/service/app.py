@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
+from rshash.features.backends import AUTO
 from rshash.index import Hit, Index
 from rshash.index.encoder import MAX_QUERY_PIXELS
 from rshash.index.filters import check_text
@@ -48,6 +49,7 @@ from rshash.service.geo_routes import geo_router, render, tile_png
 from rshash.service.limits import BackgroundThreads
 from rshash.service.metrics import MetricsMiddleware, ServiceMetrics
 from rshash.service.queries import BBox, SearchRequest, image_view, search_batch
+from rshash.service.query_cache import QueryCache
 from rshash.service.served_files import ServedFiles
 from rshash.service.thumbnails import thumbnail_of
 
@@ -78,6 +80,8 @@ class ServiceConfig:
     shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
     torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
     filter_threads: int = 2  # filters resolved at once (lower-priority threads apart from batches)
+    backend: str = AUTO  # inference backend of the query encoders (rshash.features.backends)
+    query_cache: int = 4096  # text queries whose codes are kept (LRU); 0: off
 
 
 class TextQuery(BaseModel):
@@ -120,8 +124,8 @@ def _checked_bbox(bbox: str | Sequence[float] | None) -> BBox | None:
 def open_index(path: str | Path, cfg: ServiceConfig) -> Index | ShardedIndex:
     path = Path(path)
     if (path / SHARDS).is_file():
-        return ShardedIndex(path, cfg.ray_address, cfg.shard_timeout_s, cfg.shard_cpus)
-    return Index.open(path, device=cfg.device)
+        return ShardedIndex(path, cfg.ray_address, cfg.shard_timeout_s, cfg.shard_cpus, cfg.backend)
+    return Index.open(path, device=cfg.device, backend=cfg.backend)
 
 
 def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> FastAPI:
@@ -146,8 +150,10 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         except Exception:  # a failed look must not fail the batch; the next one tries again
             log.exception("index refresh failed")
 
+    scope = (str(index.manifest["model"]["fingerprint"]), index.encoder.backend)
+    cache = QueryCache(cfg.query_cache, scope, metrics.cache_lookup)
     batcher: Batcher[SearchRequest, list[Hit]] = Batcher(
-        lambda requests: search_batch(index, requests),
+        lambda requests: search_batch(index, requests, cache),
         BatchConfig(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.max_queue_ms),
         between=between_batches,
         on_batch=metrics.batch_size.observe,

@@ -55,6 +55,16 @@ class ServiceMetrics:
         self.items = Gauge("rshash_index_items", "Items in the index", ["collection"], registry=r)
         self.generation = Gauge("rshash_index_generation", "Index generation served", registry=r)
         self.degraded = Gauge("rshash_degraded_shards", "Shards not answering", registry=r)
+        self.cache_hits = Counter(
+            "rshash_query_cache_hits", "Text queries answered from the query cache", registry=r
+        )
+        self.cache_misses = Counter(
+            "rshash_query_cache_misses", "Text queries the encoder had to encode", registry=r
+        )
+
+    def cache_lookup(self, hits: int, misses: int) -> None:
+        self.cache_hits.inc(hits)
+        self.cache_misses.inc(misses)
 
 
 class MetricsMiddleware:

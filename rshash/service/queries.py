@@ -23,6 +23,7 @@ from rshash.features.views import plain_view
 from rshash.index.encoder import CodeEncoder, decode_image
 from rshash.index.index import Allowed, Hit, Searcher
 from rshash.index.packing import empty_codes, pack_codes
+from rshash.service.query_cache import QueryCache
 
 BBox = tuple[float, float, float, float]
 
@@ -56,14 +57,21 @@ def encode_views(encoder: CodeEncoder, views: Sequence[Image.Image]) -> np.ndarr
         return pack_codes(encoder.run.encode_images(encoder.image_encoder.encode(views)))
 
 
-def search_batch(index: Searcher, requests: list[SearchRequest]) -> list[list[Hit] | Exception]:
-    """Answers to `requests`, in order; a failing group fails only its own requests."""
+def search_batch(
+    index: Searcher, requests: list[SearchRequest], cache: QueryCache | None = None
+) -> list[list[Hit] | Exception]:
+    """Answers to `requests`, in order; a failing group fails only its own requests. Text codes
+    come through `cache` when given."""
     encoder = index.encoder
     codes = empty_codes(len(requests), encoder.run.bits)
     texts = [i for i, r in enumerate(requests) if r.text is not None]
     images = [i for i, r in enumerate(requests) if r.image is not None]
     if texts:
-        codes[texts] = encoder.encode_texts([requests[i].text or "" for i in texts])
+        queries = [requests[i].text or "" for i in texts]
+        if cache is None:
+            codes[texts] = encoder.encode_texts(queries)
+        else:
+            codes[texts] = cache.encode(queries, encoder.encode_texts)
     if images:
         views = [requests[i].image for i in images]
         codes[images] = encode_views(encoder, [v for v in views if v is not None])
