@@ -1,10 +1,11 @@
 """Inference backends for the encoders: PyTorch eager, or ONNX Runtime (fp32, int8).
 
 `torch` runs the encoder as loaded. `onnx` runs the same weights exported to ONNX and executed by
-ONNX Runtime on the CPU: same features (cosine ≥ 0.9999 to torch), several times the image rate
-on a small CPU. `onnx-int8` runs the text encoder with dynamically quantized int8 weights (MatMul, per
-channel) and the image encoder as `onnx` fp32: int8 convolutions, dynamic or statically
-calibrated, lose too much of the image features (measured in benchmarks/encoders.py).
+ONNX Runtime on the CPU: same features (cosine ≥ 0.9999 to torch), several times the image
+rate on a small CPU. `onnx-int8` runs the text encoder with dynamically quantized int8 weights
+(MatMul, per channel) and the image encoder as `onnx` fp32: int8 convolutions, dynamic or
+statically calibrated, lose too much of the image features (measured in
+benchmarks/encoders.py).
 
 Models are exported from the packaged weights on first use (never downloaded) into
 `$RSHASH_CACHE/onnx` (default `~/.cache/rshash/onnx`), keyed by the sha256 of the weights, the
