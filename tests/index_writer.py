@@ -102,6 +102,7 @@ def _fake_encoders(hold_flag: str | None) -> None:
         return codes_for(len(batch), len(batch))
 
     CodeEncoder.encode_images = images  # type: ignore[method-assign]
+    CodeEncoder.encode_views = images  # type: ignore[method-assign]  # what builds call
     CodeEncoder.encode_texts = texts  # type: ignore[method-assign]
 
 

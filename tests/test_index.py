@@ -128,7 +128,7 @@ def test_interrupted_build_resumes_from_saved_batches(ucm_run, tmp_path, monkeyp
     ds = load_dataset(make_caption_dataset(tmp_path / "a", per_class=3, classes=(0, 8)))
     out = tmp_path / "index"
     cfg = BuildConfig(image_batch=2)
-    real = build_module.CodeEncoder.encode_images
+    real = build_module.CodeEncoder.encode_views
     calls = []
 
     def counted(fail_at):
@@ -140,13 +140,13 @@ def test_interrupted_build_resumes_from_saved_batches(ucm_run, tmp_path, monkeyp
 
         return encode
 
-    monkeypatch.setattr(build_module.CodeEncoder, "encode_images", counted(fail_at=3))
+    monkeypatch.setattr(build_module.CodeEncoder, "encode_views", counted(fail_at=3))
     with pytest.raises(KeyboardInterrupt):
         build_index(ucm_run, ds, out, cfg, progress=False)
     assert not (out / "index.json").exists()
     assert len(list((tmp_path / "index.partial").glob("*/images-*.npy"))) == 2
     calls.clear()
-    monkeypatch.setattr(build_module.CodeEncoder, "encode_images", counted(fail_at=0))
+    monkeypatch.setattr(build_module.CodeEncoder, "encode_views", counted(fail_at=0))
     index = build_index(ucm_run, ds, out, cfg, progress=False)
     assert calls == [2]  # only the one unfinished batch of two images was encoded again
     assert not (tmp_path / "index.partial").exists()

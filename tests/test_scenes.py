@@ -373,7 +373,7 @@ def test_resumed_build_with_other_bands_does_not_reuse_stale_codes(ucm_run, scen
     from rshash.index.build import BuildConfig, build_index
 
     cfg = BuildConfig(image_batch=4, device="cpu")
-    real = build_module.CodeEncoder.encode_images
+    real = build_module.CodeEncoder.encode_views
     calls = []
 
     def killed_at_third_batch(self, images):
@@ -387,7 +387,7 @@ def test_resumed_build_with_other_bands_does_not_reuse_stale_codes(ucm_run, scen
     bgr = SceneTiles(scene_files["munich"], TileConfig(bands=(3, 2, 1)))
     assert rgb.image_ids == bgr.image_ids
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build_module.CodeEncoder, "encode_images", killed_at_third_batch)
+        mp.setattr(build_module.CodeEncoder, "encode_views", killed_at_third_batch)
         with pytest.raises(KeyboardInterrupt):
             build_index(ucm_run, rgb, out, cfg, progress=False)
     saved = sorted((tmp_path / "index.partial").glob("*/*.npy"))
