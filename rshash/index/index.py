@@ -702,12 +702,8 @@ class Index(Searcher):
                 written.append(seg.path)
                 seg.write(keys, packed)
                 seg.close()
-                engine = self._engine()
-                state = col.engine.state()
-                if state is None:
-                    engine.restore(None, packed, keys)
-                else:
-                    engine = col.engine
+                engine = col.engine.compacted(packed, keys)
+                state = engine.state()
                 new = {
                     **info,
                     "segments": [{"file": seg.path.name, "count": seg.count}],
