@@ -12,6 +12,7 @@ import numpy as np
 from rshash.errors import RshashError
 from rshash.fileio import fsync_dir, write_json_atomic
 from rshash.index import store
+from rshash.index.engines import make_engine
 from rshash.index.index import Index
 from rshash.index.packing import code_bytes
 from rshash.index.store import (
@@ -42,11 +43,13 @@ def check_index(path: str | Path) -> dict[str, dict[str, int]]:
     try:
         for name, info in manifest["collections"].items():
             c = coll_code(name)
-            parts = [
-                np.array(store.read_segment(path / s["file"], width, s["count"])["key"])
-                for s in info["segments"]
+            rows = [
+                store.read_segment(path / s["file"], width, s["count"]) for s in info["segments"]
             ]
-            held = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            held = np.concatenate([r["key"] for r in rows]) if rows else np.zeros(0, np.int64)
+            if info.get("state"):
+                _check_state(path, manifest, info["state"], rows)
+            del rows
             if len(held) and (np.diff(held) <= 0).any():
                 raise RshashError(f"{path}: {name} segments hold keys out of order or twice")
             dead = _keys(
@@ -85,6 +88,24 @@ def check_index(path: str | Path) -> dict[str, dict[str, int]]:
     finally:
         db.close()
     return report
+
+
+def _check_state(path: Path, manifest: dict[str, Any], name: str, rows: list[Any]) -> None:
+    """Load the engine state file over the segments' codes, as opening the index does (mih
+    checks that its tables index every code once, in the right bucket)."""
+    width = code_bytes(manifest["bits"])
+    packed = np.concatenate([r["code"] for r in rows]) if rows else np.zeros((0, width), np.uint8)
+    keys = np.concatenate([r["key"] for r in rows]) if rows else np.zeros(0, np.int64)
+    spec = manifest["engine"]
+    try:
+        state = (path / name).read_bytes()
+        make_engine(spec["name"], manifest["bits"], spec["params"]).restore(state, packed, keys)
+    except FileNotFoundError:
+        raise RshashError(
+            f"{path / name}: engine state file named by the manifest is missing"
+        ) from None
+    except RshashError as exc:
+        raise RshashError(f"{path / name}: {exc}") from None
 
 
 def _keys(db: Any, sql: str) -> np.ndarray:

@@ -78,7 +78,8 @@ class Tables:
         if not 1 <= m <= span or -(-span // m) > mih_kernels.MAX_SUBSTRING:
             raise RshashError(
                 f"mih substrings: expected {-(-span // mih_kernels.MAX_SUBSTRING)} to {span} for "
-                f"{bits}-bit codes (substrings of at most {mih_kernels.MAX_SUBSTRING} bits), got {m}"
+                f"{bits}-bit codes (substrings of at most {mih_kernels.MAX_SUBSTRING} bits),"
+                f" got {m}"
             )
         if n > MAX_ITEMS:
             raise RshashError(f"mih engine: at most {MAX_ITEMS} codes per collection, got {n}")
@@ -102,7 +103,7 @@ class Tables:
 
     def to_bytes(self) -> bytes:
         """MAGIC, header length (uint64), JSON header, offsets, positions (little-endian)."""
-        m, n, words = self.codes.shape
+        _, n, words = self.codes.shape
         head = {"n": n, "words": words, "starts": self.starts.tolist(), "lens": self.lens.tolist()}
         blob = json.dumps(head).encode()
         parts = [MAGIC, struct.pack("<Q", len(blob)), blob]
@@ -121,7 +122,9 @@ class Tables:
             m, lens = len(head["starts"]), head["lens"]
             tables = cls.empty(bits, m, n, words.shape[0])
             same = head["n"] == n and head["words"] == words.shape[0]
-            same = same and lens == tables.lens.tolist() and head["starts"] == tables.starts.tolist()
+            same = (
+                same and lens == tables.lens.tolist() and head["starts"] == tables.starts.tolist()
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise RshashError(f"mih tables: unreadable header ({exc})") from None
         if not same:
@@ -289,4 +292,3 @@ class AutoEngine(MIHEngine):
     name = "auto"
     min_items = AUTO_MIN_ITEMS
     max_k = AUTO_MAX_K
-

@@ -208,7 +208,6 @@ def knn_one(q, k, starts, lens, offsets, codes, pos, allowed, full, budget, best
     return True
 
 
-
 @njit(cache=True)
 def knn_serial(queries, k, starts, lens, offsets, codes, pos, allowed, full, budget):
     """knn_one for each query in turn (one query: no thread start-up)."""
