@@ -69,7 +69,7 @@ def test_top_k_equals_exact_ties_included(probe_always, bits, clustered):
     for k in (1, 20, 100, 1000):
         _same(exact.search(queries, k), fast.search(queries, k))
         _same(exact.search(queries[:1], k), fast.search(queries[:1], k))
-        assert (fast.work[:, 0] > 0).all()  # the tables answered
+        assert not fast.scanned.any() and (fast.work[:, 0] > 0).all()  # the tables answered
 
 
 @pytest.mark.parametrize("bits", [48, 128])
@@ -120,6 +120,8 @@ def test_queries_over_budget_fall_back_to_the_scan_and_stay_exact(monkeypatch):
     exact, fast = _pair(codes, keys, 64)
     for k in (1, 50):
         _same(exact.search(queries, k), fast.search(queries, k))
+        assert fast.scanned.all()
+        _same(exact.search(queries[:1], k), fast.search(queries[:1], k))
 
 
 def test_k_past_the_archive_pads_like_exact(probe_always):
@@ -269,9 +271,9 @@ def test_auto_builds_tables_only_for_large_archives(monkeypatch, probe_always):
     exact = make_engine("exact", 64)
     exact.add(codes, keys)
     _same(exact.search(queries, 20), big.search(queries, 20))
-    assert (big.work[:, 0] > 0).all()
+    assert not big.scanned.any()
     _same(exact.search(queries, 101), big.search(queries, 101))
-    assert (big.work == 0).all()
+    assert big.scanned.all() and (big.work == 0).all()
 
 
 def test_info_shows_the_serving_engine_and_its_memory(mih_index):

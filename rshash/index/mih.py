@@ -43,10 +43,11 @@ import numpy as np
 from rshash.errors import RshashError
 from rshash.index import kernels, mih_kernels
 from rshash.index.engines import ExactEngine, Hits, _order
-from rshash.index.packing import query_words
+from rshash.index.packing import aligned_empty, query_words
 
 FILTER_SCAN = 16  # a filter keeping under 1/16 of the items is scanned, not probed
-SCAN_UNITS = 16  # items the scan reads (per code word) in the time of one candidate verified
+SCAN_UNITS = 32  # codes (per word) scanned in the time of 2 candidates verified: probing
+# stops at about half the scan's cost (a bucket costs PROBE candidates: see mih_kernels)
 MIN_BUDGET = 4096  # work units below which probing is never cut short
 AUTO_MIN_ITEMS = 2_000_000  # auto: codes from which tables are built
 AUTO_MAX_K = 100  # auto: largest k probed
@@ -85,13 +86,10 @@ class Tables:
             raise RshashError(f"mih engine: at most {MAX_ITEMS} codes per collection, got {n}")
         lens = np.array([span // m + (j < span % m) for j in range(m)], np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-        return cls(
-            starts,
-            lens,
-            np.zeros((m, (1 << int(lens.max())) + 1), np.uint32),
-            np.empty((m, n), np.uint32),
-            np.empty((m, n, words), np.uint64),
-        )
+        offsets = aligned_empty((m, (1 << int(lens.max())) + 1), np.uint32)
+        offsets[:] = 0
+        pos, codes = aligned_empty((m, n), np.uint32), aligned_empty((m, n, words))
+        return cls(starts, lens, offsets, pos, codes)  # huge pages: fewer TLB misses per probe
 
     @property
     def m(self) -> int:
@@ -167,6 +165,7 @@ class MIHEngine(ExactEngine):
         self._full = True
         self._mask: tuple[np.ndarray | None, np.ndarray, int] = (None, self._bits, 0)
         self.work = np.zeros((0, 2), np.int64)  # last search: buckets, candidates per query
+        self.scanned = np.zeros(0, bool)  # last search: queries answered by the scan
 
     def params(self) -> dict[str, Any]:
         return {} if self.substrings is None else {"substrings": self.substrings}
@@ -245,11 +244,12 @@ class MIHEngine(ExactEngine):
             t = self._tables
             plan = None if t is None or k > self.max_k else self._plan(allowed)
             if t is None or plan is None or not len(q):
-                self.work = np.zeros((len(q), 2), np.int64)
+                self.work, self.scanned = np.zeros((len(q), 2), np.int64), np.ones(len(q), bool)
                 return self._scan(q, k, allowed)
             knn = mih_kernels.knn_serial if len(q) == 1 else mih_kernels.knn_parallel
             args = (t.starts, t.lens, t.offsets, t.codes, t.pos, plan[0], plan[1], self._budget())
             dist, pos, ok, self.work = knn(q, k, *args)
+            self.scanned = ~ok
             keys = np.where(pos >= 0, self._keys[np.maximum(pos, 0)], kernels.NO_ITEM)
             dist = dist.astype(np.int32)
             if not ok.all():
