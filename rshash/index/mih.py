@@ -46,8 +46,8 @@ from rshash.index.engines import ExactEngine, Hits, _order
 from rshash.index.packing import aligned_empty, query_words
 
 FILTER_SCAN = 16  # a filter keeping under 1/16 of the items is scanned, not probed
-SCAN_UNITS = 32  # codes (per word) scanned in the time of 2 candidates verified: probing
-# stops at about half the scan's cost (a bucket costs PROBE candidates: see mih_kernels)
+SCAN_UNITS = 64  # codes (per word) scanned in the time of 2 candidates verified: probing stops
+# at about half the scan's cost (a bucket costs PROBE candidates; benchmarks/results/mih.md)
 MIN_BUDGET = 4096  # work units below which probing is never cut short
 AUTO_MIN_ITEMS = 2_000_000  # auto: codes from which tables are built
 AUTO_MAX_K = 100  # auto: largest k probed

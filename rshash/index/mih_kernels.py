@@ -22,7 +22,7 @@ from numba import njit, prange
 from rshash.index.kernels import FAR, NO_ITEM, _popcount, _trailing_zeros
 
 MAX_SUBSTRING = 24  # bits: direct-addressed buckets, 2^24 offsets (64 MiB) per table at most
-PROBE = 32  # work units (candidates) a bucket costs: cache misses to its offsets and first row
+PROBE = 8  # work units (candidates) a bucket costs: cache misses to its offsets and first row
 
 
 @njit(inline="always")
