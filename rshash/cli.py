@@ -368,8 +368,8 @@ def index_build(
     engine: Annotated[
         str,
         typer.Option(
-            help="auto (exact scan; multi-index hashing from 2e6 codes, k <= 100), exact, mih"
-            " (always multi-index hashing), faiss-flat or faiss-ivf."
+            help="auto (exact scan; multi-index hashing from 2e6 codes of <= 64 bits, k <= 100),"
+            " exact, mih (always multi-index hashing), faiss-flat or faiss-ivf."
         ),
     ] = "auto",
     nprobe: Annotated[int, typer.Option(help="faiss-ivf: cells probed per query.")] = 16,

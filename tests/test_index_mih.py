@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -282,3 +284,24 @@ def test_info_shows_the_serving_engine_and_its_memory(mih_index):
     assert "engine mih" in r.stdout
     assert "served by multi-index hashing, 7 tables of 9/10-bit substrings" in r.stdout
     assert "memory: codes 0.0 MiB, tables 0.1 MiB" in r.stdout
+
+
+def test_single_queries_probe_concurrently(monkeypatch):
+    """One query's probing must not hold the engine lock: the service's concurrent single
+    queries would otherwise queue behind each other. Both threads must be inside the kernel at
+    once to pass the barrier (broken after 60 s if the lock serialises them)."""
+    codes, queries = _archive(64, clustered=True)
+    keys = np.arange(len(codes), dtype=np.int64)
+    exact, fast = _pair(codes, keys, 64)
+    barrier = threading.Barrier(2, timeout=60)
+    real = mih.mih_kernels.knn_serial
+
+    def meet(*args):
+        barrier.wait()
+        return real(*args)
+
+    monkeypatch.setattr(mih.mih_kernels, "knn_serial", meet)
+    with ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(lambda q: fast.search(q[None], 20), queries[:2]))
+    for q, got in zip(queries[:2], found, strict=True):
+        _same(exact.search(q[None], 20), got)

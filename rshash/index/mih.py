@@ -25,8 +25,9 @@ The exact scan answers instead when it is cheaper:
   codes (as `exact` does): MIH has to verify about 1/share as many candidates to find k allowed
   ones, while the gathered scan reads only the share;
 - a range search whose buckets to probe cost more than the budget.
-`auto` is `mih` that builds tables only from AUTO_MIN_ITEMS codes on and probes them only for
-k ≤ AUTO_MAX_K (below, the scan wins: see `benchmarks/results/mih.md`); else it is `exact`.
+`auto` is `mih` that builds tables only from AUTO_MIN_ITEMS codes of at most AUTO_MAX_BITS bits
+on, and probes them only for k ≤ AUTO_MAX_K (elsewhere the scan won or was not measured to lose:
+see `benchmarks/results/mih.md`); else it is `exact`.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ from rshash.index.engines import ExactEngine, Hits, _order
 from rshash.index.packing import aligned_empty, query_words
 
 FILTER_SCAN = 16  # a filter keeping under 1/16 of the items is scanned, not probed
-SCAN_UNITS = 64  # codes (per word) scanned in the time of 2 candidates verified: probing stops
-# at about half the scan's cost (a bucket costs PROBE candidates; benchmarks/results/mih.md)
+SCAN_UNITS = 16  # codes (per word) scanned in the time of 1 candidate verified, measured ~13:
+# probing stops near the scan's cost (a bucket costs PROBE candidates; benchmarks/results/mih.md)
 MIN_BUDGET = 4096  # work units below which probing is never cut short
 AUTO_MIN_ITEMS = 2_000_000  # auto: codes from which tables are built
 AUTO_MAX_K = 100  # auto: largest k probed
+AUTO_MAX_BITS = 64  # auto: longest codes probed (128-bit random codes: the scan won at 1e7)
 RANGE_ROOM = 1024  # hits a range query first makes room for
 MAGIC = b"rshash-mih/1\n"
 MAX_ITEMS = 2**32 - 1  # positions are uint32
@@ -155,6 +157,7 @@ class MIHEngine(ExactEngine):
     name = "mih"
     min_items: ClassVar[int] = 0
     max_k: ClassVar[int] = 2**31
+    max_bits: ClassVar[int] = 1024
 
     def __init__(self, bits: int, substrings: int | None = None) -> None:
         super().__init__(bits)
@@ -164,8 +167,10 @@ class MIHEngine(ExactEngine):
         self._tables: Tables | None = None
         self._full = True
         self._mask: tuple[np.ndarray | None, np.ndarray, int] = (None, self._bits, 0)
-        self.work = np.zeros((0, 2), np.int64)  # last search: buckets, candidates per query
-        self.scanned = np.zeros(0, bool)  # last search: queries answered by the scan
+        # The last search's buckets and candidates per query, and which queries the scan
+        # answered (for benchmarks and tests: concurrent searches overwrite them).
+        self.work = np.zeros((0, 2), np.int64)
+        self.scanned = np.zeros(0, bool)
 
     def params(self) -> dict[str, Any]:
         return {} if self.substrings is None else {"substrings": self.substrings}
@@ -178,7 +183,7 @@ class MIHEngine(ExactEngine):
         """Tables over every code held (tombstoned ones too: they are masked when verified)."""
         n = self._words.shape[1]
         tables = None
-        if n >= max(self.min_items, 1):
+        if n >= max(self.min_items, 1) and self.bits <= self.max_bits:
             m = self.substrings or substrings_for(self.bits, n)
             tables = Tables.empty(self.bits, m, n, self._words.shape[0])
             mih_kernels.build(
@@ -210,7 +215,10 @@ class MIHEngine(ExactEngine):
     def describe(self) -> str:
         t = self._tables
         if t is None:
-            return f"exact scan (tables from {self.min_items:,} codes on)"
+            return (
+                f"exact scan (tables from {self.min_items:,} codes of at most {self.max_bits}"
+                " bits on)"
+            )
         lens = sorted({int(v) for v in t.lens})
         return f"multi-index hashing, {t.m} tables of {'/'.join(map(str, lens))}-bit substrings"
 
@@ -239,6 +247,8 @@ class MIHEngine(ExactEngine):
         return kernels.topk(words, keys, q, k, parts, threads, bits)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> Hits:
+        """Top-k by probing; one query runs on one core without the engine lock (the kernel
+        releases the GIL), so concurrent single queries do not wait for each other."""
         q = query_words(self._check(queries))
         with self._lock:
             t = self._tables
@@ -246,15 +256,20 @@ class MIHEngine(ExactEngine):
             if t is None or plan is None or not len(q):
                 self.work, self.scanned = np.zeros((len(q), 2), np.int64), np.ones(len(q), bool)
                 return self._scan(q, k, allowed)
-            knn = mih_kernels.knn_serial if len(q) == 1 else mih_kernels.knn_parallel
             args = (t.starts, t.lens, t.offsets, t.codes, t.pos, plan[0], plan[1], self._budget())
-            dist, pos, ok, self.work = knn(q, k, *args)
-            self.scanned = ~ok
-            keys = np.where(pos >= 0, self._keys[np.maximum(pos, 0)], kernels.NO_ITEM)
-            dist = dist.astype(np.int32)
-            if not ok.all():
+            held = self._keys  # positions in `t` index these keys (keys are only appended)
+            if len(q) > 1:
+                found = mih_kernels.knn_parallel(q, k, *args)
+        if len(q) == 1:
+            found = mih_kernels.knn_serial(q, k, *args)
+        dist, pos, ok, self.work = found
+        self.scanned = ~ok
+        keys = np.where(pos >= 0, held[np.maximum(pos, 0)], kernels.NO_ITEM)
+        dist = dist.astype(np.int32)
+        if not ok.all():
+            with self._lock:
                 dist[~ok], keys[~ok] = self._scan(q[~ok], k, allowed)
-            return dist, keys
+        return dist, keys
 
     def _range_cost(self, t: Tables, radius: int) -> int:
         """Work units to probe every bucket a range search of `radius` needs."""
@@ -287,8 +302,10 @@ class MIHEngine(ExactEngine):
 
 
 class AutoEngine(MIHEngine):
-    """`mih` where it wins (AUTO_MIN_ITEMS codes or more, k ≤ AUTO_MAX_K), else `exact`."""
+    """`mih` where it wins (AUTO_MIN_ITEMS codes or more of at most AUTO_MAX_BITS bits,
+    k ≤ AUTO_MAX_K), else `exact`."""
 
     name = "auto"
     min_items = AUTO_MIN_ITEMS
     max_k = AUTO_MAX_K
+    max_bits = AUTO_MAX_BITS

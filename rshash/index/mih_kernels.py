@@ -165,7 +165,7 @@ def _insert(best_d, best_p, d, p):
     best_p[r] = p
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def knn_one(q, k, starts, lens, offsets, codes, pos, allowed, full, budget, best_d, best_p, work):
     """Exact top-k of one query into best_d/best_p (sorted by (distance, position), padded with
     (FAR, -1)); work[0], work[1] count the buckets probed and candidates verified. Returns
@@ -208,7 +208,7 @@ def knn_one(q, k, starts, lens, offsets, codes, pos, allowed, full, budget, best
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def knn_serial(queries, k, starts, lens, offsets, codes, pos, allowed, full, budget):
     """knn_one for each query in turn (one query: no thread start-up)."""
     nq = queries.shape[0]
