@@ -10,8 +10,8 @@ default), k = 1, 20, 100, one query at a time and batches of 256, two code distr
 Every record: queries/s of mih and of the exact scan in the same run and their ratio, whether
 every hit equals exact's (keys and distances, in order), buckets probed and candidates verified
 per query, memory (codes + tables) / codes, build time, and the paper's cost model: buckets ×
-t_bucket + candidates × t_candidate + t_call, the unit costs fitted (least squares) to this run's
-one-at-a-time query times, beside the measured time.
+t_bucket + candidates × t_candidate + t_call, the unit costs fitted (least squares of relative
+error) to this run's one-at-a-time query times, beside the measured time.
 Peers (k = 20, at --peer-n codes: an HNSW build of 1e7 codes takes hours on 2 cores): FAISS
 IndexBinaryMultiHash (4 × 16-bit tables per 64 bits, nflip 1), IndexBinaryHNSW (M 16) and
 usearch (Hamming, b1), with tie-aware recall@20 against exact. One row through the whole store
@@ -22,6 +22,7 @@ Usage: python -m benchmarks.mih [--sizes 10000000 100000000] [--bits 64 128] [--
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from benchmarks.common import REPO, machine, markdown_table, write_results
+from benchmarks.common import REPO, RESULTS, machine, markdown_table, write_results
 from rshash.index import Index, make_engine, store
 from rshash.index.engines import Engine, recall_at
 from rshash.index.mih import MIHEngine
@@ -208,8 +209,6 @@ def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[
                 "memory_ratio": round(memory_ratio, 2),
                 "build_s": round(build_s, 1),
                 "m": int(engine._tables.m) if engine._tables is not None else 0,
-                "_times": np.concatenate([r[0][0] for r in rounds]).tolist(),
-                "_work": np.concatenate([r[0][2] for r in rounds]).tolist(),
             }
         )
         batch = queries[:BATCH]
@@ -242,14 +241,14 @@ def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[
 
 
 def fit_costs(records: list[dict]) -> dict[str, float]:
-    """t_call, t_bucket, t_candidate (seconds) by least squares over every one-at-a-time query."""
+    """t_call, t_bucket, t_candidate (seconds): least squares of relative error over the mean
+    one-at-a-time query time of every configuration answered by probing alone."""
     rows, times = [], []
     for r in records:
-        if "_times" in r:
-            for t, (b, c, scanned) in zip(r["_times"], r["_work"], strict=True):
-                if not scanned:  # answered by probing alone
-                    rows.append([1.0, b, c])
-                    times.append(t)
+        if r["engine"] == "mih" and r["batch"] == 1 and r.get("scanned_share") == 0:
+            t = 1 / r["qps"]
+            rows.append([1 / t, r["buckets_per_query"] / t, r["candidates_per_query"] / t])
+            times.append(1.0)
     coef = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
     return {"t_call": float(coef[0]), "t_bucket": float(coef[1]), "t_candidate": float(coef[2])}
 
@@ -463,7 +462,18 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--run", type=Path, default=CACHE_TESTS / "ucm-duch64")
     parser.add_argument("--quick", action="store_true", help="1e6 codes, no peers or store row.")
+    parser.add_argument(
+        "--render", action="store_true", help="Only rewrite mih.md from results/mih.json."
+    )
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "mih.json").read_text())
+        old_md = (RESULTS / "mih.md").read_text().splitlines()
+        histograms = saved.get("histograms") or [h for h in old_md if h.startswith("- N = ")]
+        costs = fit_costs(saved["records"])
+        result = {**saved, "unit_costs": costs, "histograms": histograms}
+        write_results("mih", result, markdown(saved["records"], costs, histograms))
+        return
     if args.quick:
         args.sizes, args.peer_n, args.store_n = [1_000_000], 0, 0
     real = real_codes(args.real)

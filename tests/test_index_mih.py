@@ -259,8 +259,8 @@ def test_check_and_open_name_a_damaged_table_file(mih_index):
 
 
 def test_auto_builds_tables_only_for_large_archives(monkeypatch, probe_always):
-    """auto is exact (no tables, no state file) for small archives and mih past its threshold;
-    k above AUTO_MAX_K is scanned."""
+    """auto is exact (no tables, no state file) for small archives and codes over 64 bits, and
+    mih past its threshold; k above AUTO_MAX_K is scanned."""
     codes, queries = _archive(64, clustered=False)
     keys = np.arange(len(codes), dtype=np.int64)
     small = make_engine("auto", 64)
@@ -276,6 +276,10 @@ def test_auto_builds_tables_only_for_large_archives(monkeypatch, probe_always):
     assert not big.scanned.any()
     _same(exact.search(queries, 101), big.search(queries, 101))
     assert big.scanned.all() and (big.work == 0).all()
+    long_codes, _ = _archive(128, clustered=False)
+    wide = make_engine("auto", 128)
+    wide.add(long_codes, keys)
+    assert wide.state() is None  # 128-bit codes: the scan won at 1e7 random codes
 
 
 def test_info_shows_the_serving_engine_and_its_memory(mih_index):
