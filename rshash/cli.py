@@ -376,7 +376,13 @@ def index_build(
     run: Annotated[Path, typer.Argument(help="Trained run directory.")],
     data: Annotated[Path, typer.Argument(help="Dataset or image folder to index.")],
     out: Annotated[Path, typer.Option("--out", help="Index directory to create.")],
-    engine: Annotated[str, typer.Option(help="exact, faiss-flat or faiss-ivf.")] = "exact",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto (exact scan; multi-index hashing from 2e6 codes of <= 64 bits, k <= 100),"
+            " exact, mih (always multi-index hashing), faiss-flat or faiss-ivf."
+        ),
+    ] = "auto",
     nprobe: Annotated[int, typer.Option(help="faiss-ivf: cells probed per query.")] = 16,
     features: Features = None,
     fields: Fields = None,
@@ -553,6 +559,11 @@ def _echo_index(index: Any) -> None:
         parts = f"{info['count']} items, {info['tombstones']} removed, "
         parts += f"{len(info['segments'])} segments"
         typer.echo(f"  {name}: {parts}" + (f" ({report})" if report else ""))
+        col = getattr(index, "collections", {}).get(name)
+        if col is not None:
+            mem = col.engine.memory()
+            held = ", ".join(f"{part} {size / 2**20:.1f} MiB" for part, size in mem.items())
+            typer.echo(f"    served by {col.engine.describe()}; memory: {held}")
 
 
 @app.command()

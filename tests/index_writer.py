@@ -9,9 +9,11 @@ second batch half written), `seal` (segment synced, SQLite not committed), `mani
 and SQLite committed, or for compact the merged segment written; manifest not replaced),
 `rename` (the new manifest written to its temporary file, not renamed into place),
 `sweep` (manifest replaced, old files not yet swept), `gc` (compaction's manifest replaced,
-dropped rows not yet deleted). Or POINT pauses it: `hold-lock:FILE` (add: after the first
-batch, the writer lock held) or `hold-encode:FILE` (archive: encoding the first captions, the
-images encoded); it creates FILE.held, then waits until FILE exists (exit 3 after 120 s).
+dropped rows not yet deleted), `tables` (an mih index: in its table build, the tables filled, not
+yet returned), `state` (an mih index: half of the engine state file written).
+Or POINT pauses it: `hold-lock:FILE` (add: after the first batch, the writer lock held) or
+`hold-encode:FILE` (archive: encoding the first captions, the images encoded); it creates
+FILE.held, then waits until FILE exists (exit 3 after 120 s).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rshash.index import index as index_module
-from rshash.index import store
+from rshash.index import mih_kernels, store
 from rshash.index.index import Index
 
 
@@ -75,6 +77,21 @@ def _arm(point: str) -> None:
         os.replace = replace  # type: ignore[assignment]
     elif point == "sweep":  # the first sweep is the recovery at the start of the write
         Index._sweep = _on_call(2, Index._sweep)  # type: ignore[method-assign]
+    elif point == "tables":
+        real_build = mih_kernels.build
+
+        def build(*args: Any) -> None:
+            real_build(*args)
+            _die()
+
+        mih_kernels.build = build
+    elif point == "state":
+
+        def write_half(target: Any, data: bytes) -> None:
+            Path(target).write_bytes(data[: len(data) // 2])
+            _die()
+
+        index_module.write_bytes_durable = write_half
     elif point == "gc":
         Index._drop_compacted = _on_call(2, Index._drop_compacted)  # type: ignore[method-assign]
 

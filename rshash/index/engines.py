@@ -9,6 +9,7 @@ optionally restricted to `allowed` keys (a sorted int64 array: a filter's matche
   `benchmarks/results/search.md`).
 - `faiss-flat`: FAISS `IndexBinaryFlat`, exact, for comparison and as a reference; filters go
   in as an `IDSelectorBatch`.
+- `mih`, `auto`: exact search by multi-index hashing, sublinear in the archive (see `mih`).
 - `faiss-ivf`: FAISS `IndexBinaryIVF`, approximate, for large archives; its recall@k against
   exact search is measured when it is built. FAISS has no selectors for binary IVF, so a filtered
   query is answered exactly over the matching codes.
@@ -86,6 +87,20 @@ class Engine(ABC):
 
     def restore(self, state: bytes | None, packed: np.ndarray, keys: np.ndarray) -> None:
         self.add(packed, keys)
+
+    def compacted(self, packed: np.ndarray, keys: np.ndarray) -> Engine:
+        """The engine that serves the live codes after compaction: a new one over them."""
+        engine = type(self)(self.bits, **self.params())
+        engine.restore(None, packed, keys)
+        return engine
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by part."""
+        return {"codes": self.ntotal * self.width}
+
+    def describe(self) -> str:
+        """How it searches, in a few words (for `rshash index info`)."""
+        return self.name
 
     def _check(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, np.uint8)
@@ -340,6 +355,10 @@ class FaissIVFEngine(_FaissEngine):
         super().restore(state, packed, keys)
         self.index.nprobe = self.nprobe
 
+    def compacted(self, packed: np.ndarray, keys: np.ndarray) -> Engine:
+        """Itself: removed items left its lists, and its trained cells stay valid."""
+        return self
+
     def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[Any, Any]:
         """Exact search over the allowed codes: FAISS has no selectors for binary IVF."""
         import faiss
@@ -369,9 +388,14 @@ def recall_against_exact(
     return recall_at(engine.search(q, k)[0], exact.search(q, k)[0], k)
 
 
-ENGINES: dict[str, type[Engine]] = {
-    e.name: e for e in (ExactEngine, FaissFlatEngine, FaissIVFEngine)
-}
+def _engines() -> dict[str, type[Engine]]:
+    from rshash.index.mih import AutoEngine, MIHEngine  # it builds on ExactEngine, defined above
+
+    engines = (ExactEngine, FaissFlatEngine, FaissIVFEngine, MIHEngine, AutoEngine)
+    return {e.name: e for e in engines}
+
+
+ENGINES: dict[str, type[Engine]] = _engines()
 
 
 def make_engine(name: str, bits: int, params: dict[str, Any] | None = None) -> Engine:

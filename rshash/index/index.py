@@ -8,7 +8,7 @@ Layout of INDEX/ (see `store` for the file formats):
   so queries are always encoded by the model that encoded the archive;
 - `records.db`: every item's record (SQLite), with the generations that added and removed it;
 - `seg-<collection>-<generation>.bin`: the codes each commit added (append-only);
-- `engine-<collection>-<generation>.bin`: trained engine state (faiss-ivf only).
+- `engine-<collection>-<generation>.bin`: engine state (faiss-ivf's trained index, mih's tables).
 
 A change (add, remove) takes the writer lock, writes the new codes to the next generation's
 segment and the records into one SQLite transaction, then `commit()` syncs the segment, commits
@@ -431,7 +431,10 @@ class Index(Searcher):
                 del rows
             engine = self._engine()
             blob = info.get("state")
-            engine.restore((self.path / blob).read_bytes() if blob else None, packed, keys)
+            try:
+                engine.restore((self.path / blob).read_bytes() if blob else None, packed, keys)
+            except RshashError as exc:
+                raise RshashError(f"{self.path / str(blob)}: {exc}") from None
             del packed
             engine.remove(self._tombstones(name, manifest))
             state.collections[name] = Collection(name, engine, info.get("report", {}))
@@ -691,6 +694,7 @@ class Index(Searcher):
                     info["tombstones"] += col.engine.remove(removed)
                 info["count"] = col.engine.ntotal
                 state = col.engine.state()
+                info.pop("state", None)  # auto: no tables below its size
                 if state is not None:
                     info["state"] = f"engine-{name}-{pending.gen:08d}.bin"
                     write_bytes_durable(self.path / info["state"], state)
@@ -771,14 +775,10 @@ class Index(Searcher):
                 written.append(seg.path)
                 seg.write(keys, packed)
                 seg.close()
-                engine = self._engine()
-                state = col.engine.state()
-                if state is None:
-                    engine.restore(None, packed, keys)
-                else:
-                    engine = col.engine
+                engine = col.engine.compacted(packed, keys)
+                state = engine.state()
                 new = {
-                    **info,
+                    **{k: v for k, v in info.items() if k != "state"},
                     "segments": [{"file": seg.path.name, "count": seg.count, "crc32": seg.crc32}],
                     "tombstones": 0,
                     "count": engine.ntotal,

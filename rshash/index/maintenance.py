@@ -14,8 +14,10 @@ import numpy as np
 from rshash.errors import RshashError
 from rshash.fileio import fsync_dir, write_json_atomic
 from rshash.index import integrity, store
+from rshash.index.engines import make_engine
 from rshash.index.index import Index
 from rshash.index.integrity import REPAIR
+from rshash.index.packing import code_bytes
 from rshash.index.store import (
     COLLECTIONS,
     DAMAGED,
@@ -120,6 +122,8 @@ def _check_segments(path: Path, manifest: dict[str, Any], report: CheckReport) -
                 report.damage.append(f"{path / info['state']}: missing ({DAMAGED})")
                 ok = False
             integrity.verify_segments(path, manifest, name)
+            if info.get("state") and (path / info["state"]).is_file():
+                _check_state(path, manifest, info)
         except RshashError as exc:
             report.damage.append(str(exc))
             ok = False
@@ -221,6 +225,25 @@ def _match_codes(
             f"{path / MANIFEST}: {name}: {len(live)} live items and {len(dead)} tombstones, but"
             f" the manifest says {info['count']} and {info['tombstones']}; {REPAIR}"
         )
+
+
+def _check_state(path: Path, manifest: dict[str, Any], info: dict[str, Any]) -> None:
+    """Load the engine state file over the segments' codes, as opening the index does (mih
+    checks that its tables index every code once, in the right bucket)."""
+    width, name = code_bytes(manifest["bits"]), info["state"]
+    rows = [store.read_segment(path / s["file"], width, s["count"]) for s in info["segments"]]
+    packed = np.concatenate([r["code"] for r in rows]) if rows else np.zeros((0, width), np.uint8)
+    keys = np.concatenate([r["key"] for r in rows]) if rows else np.zeros(0, np.int64)
+    spec = manifest["engine"]
+    try:
+        state = (path / name).read_bytes()
+        make_engine(spec["name"], manifest["bits"], spec["params"]).restore(state, packed, keys)
+    except FileNotFoundError:
+        raise RshashError(
+            f"{path / name}: engine state file named by the manifest is missing"
+        ) from None
+    except RshashError as exc:
+        raise RshashError(f"{path / name}: {exc}") from None
 
 
 def _keys(db: Any, sql: str) -> np.ndarray:
