@@ -163,10 +163,10 @@ def test_uploads_are_shed_before_they_are_decoded(ucm_index, monkeypatch):
     real_batch, real_view = app_module.search_batch, app_module.image_view
     decoded: list[str] = []
 
-    def held_batch(index, requests):
+    def held_batch(index, requests, *rest):
         in_batch.set()
         assert release.wait(60)
-        return real_batch(index, requests)
+        return real_batch(index, requests, *rest)
 
     def counted_view(data, name, *args):
         decoded.append(name)
