@@ -34,6 +34,7 @@ import numba
 import numpy as np
 
 from benchmarks.common import REPO, RESULTS, machine, markdown_table, write_results
+from benchmarks.search import rate
 from rshash.index import Index, make_engine, store
 from rshash.index.engines import Engine, recall_at
 from rshash.index.mih import MIHEngine
@@ -123,16 +124,6 @@ def calibrate(real: np.ndarray, n: int, target: float) -> tuple[float, np.ndarra
 def histogram(d: np.ndarray, top: int = 16) -> str:
     counts = np.bincount(np.minimum(d, top), minlength=top + 1) / len(d)
     return " ".join(f"{c:.2f}" for c in counts)
-
-
-def rate(fn: Callable[[], object], items: int, min_seconds: float = 0.5) -> float:
-    reps, start = 0, time.perf_counter()
-    while True:
-        fn()
-        reps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return items * reps / elapsed
 
 
 def single_times(engine: Engine, queries: np.ndarray, k: int) -> tuple[np.ndarray, Any, Any]:
