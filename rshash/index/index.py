@@ -497,23 +497,12 @@ class Index(Searcher):
 
     def _recover(self, db: sqlite3.Connection) -> None:
         """Undo what a writer that died left past the manifest; drop compacted rows."""
-        gen, info = self.generation, self.manifest["collections"]
-        for c, name in enumerate(COLLECTIONS):
-            first = store.rid(c, info[name]["next_key"] if name in info else 0)
-            where = f"rid BETWEEN {first} AND {store.rid(c, store.KEY_MASK)}"
-            db.execute(f"DELETE FROM bounds WHERE {where}")
-            db.execute(f"DELETE FROM items WHERE {where}")
-        db.execute("UPDATE items SET gen_removed = NULL WHERE gen_removed > ?", (gen,))
+        store.roll_back_past(db, self.manifest)
         self._drop_compacted(db)
         self._sweep(self.manifest)
 
     def _drop_compacted(self, db: sqlite3.Connection) -> None:
-        done = self.manifest.get("compacted", 0)
-        db.execute(
-            "DELETE FROM bounds WHERE rid IN (SELECT rid FROM items WHERE gen_removed <= ?)",
-            (done,),
-        )
-        db.execute("DELETE FROM items WHERE gen_removed <= ?", (done,))
+        store.drop_compacted(db, self.manifest.get("compacted", 0))
 
     def _sweep(self, manifest: dict[str, Any]) -> None:
         """Delete segment and engine files that `manifest` does not name, and temporary files.

@@ -278,25 +278,11 @@ def _repair_records(path: Path, manifest: dict[str, Any]) -> list[str]:
     """Undo a dead writer's rows past the manifest, as the next writer would (Index._recover)."""
     if not (path / store.RECORDS).is_file():
         return []
-    gen, done = manifest["generation"], manifest.get("compacted", 0)
     db = store.connect(path, write=True)
     try:
         db.execute("BEGIN IMMEDIATE")
-        deleted = 0
-        for c, name in enumerate(COLLECTIONS):
-            info = manifest["collections"].get(name)
-            first = store.rid(c, info["next_key"] if info else 0)
-            where = f"rid BETWEEN {first} AND {store.rid(c, store.KEY_MASK)}"
-            db.execute(f"DELETE FROM bounds WHERE {where}")
-            deleted += db.execute(f"DELETE FROM items WHERE {where}").rowcount
-        undone = db.execute(
-            "UPDATE items SET gen_removed = NULL WHERE gen_removed > ?", (gen,)
-        ).rowcount
-        db.execute(
-            "DELETE FROM bounds WHERE rid IN (SELECT rid FROM items WHERE gen_removed <= ?)",
-            (done,),
-        )
-        dropped = db.execute("DELETE FROM items WHERE gen_removed <= ?", (done,)).rowcount
+        deleted, undone = store.roll_back_past(db, manifest)
+        dropped = store.drop_compacted(db, manifest.get("compacted", 0))
         db.execute("COMMIT")
     except sqlite3.DatabaseError:
         return []  # a damaged records.db: the check names it

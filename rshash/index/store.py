@@ -175,6 +175,32 @@ def insert_bounds(db: sqlite3.Connection, rid: int, rec: dict[str, Any]) -> None
     )
 
 
+def drop_compacted(db: sqlite3.Connection, compacted: int) -> int:
+    """Delete the rows (and their bounds) that compaction up to generation `compacted` dropped
+    from the segments; returns the rows deleted."""
+    db.execute(
+        "DELETE FROM bounds WHERE rid IN (SELECT rid FROM items WHERE gen_removed <= ?)",
+        (compacted,),
+    )
+    return int(db.execute("DELETE FROM items WHERE gen_removed <= ?", (compacted,)).rowcount)
+
+
+def roll_back_past(db: sqlite3.Connection, manifest: dict[str, Any]) -> tuple[int, int]:
+    """Undo what a dead writer left past `manifest`: rows from each collection's next key on,
+    removals of later generations. Returns (rows deleted, removals undone)."""
+    deleted = 0
+    for c, name in enumerate(COLLECTIONS):
+        info = manifest["collections"].get(name)
+        first = rid(c, info["next_key"] if info else 0)
+        where = f"rid BETWEEN {first} AND {rid(c, KEY_MASK)}"
+        db.execute(f"DELETE FROM bounds WHERE {where}")
+        deleted += db.execute(f"DELETE FROM items WHERE {where}").rowcount
+    undone = db.execute(
+        "UPDATE items SET gen_removed = NULL WHERE gen_removed > ?", (manifest["generation"],)
+    ).rowcount
+    return deleted, int(undone)
+
+
 def chunks(values: list[Any], size: int = BATCH) -> Iterator[list[Any]]:
     for i in range(0, len(values), size):
         yield values[i : i + size]
