@@ -5,7 +5,6 @@ index, the build's decode pool, and the service's query cache."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -97,7 +96,7 @@ def test_corrupt_or_missing_cache_files_are_exported_again(
     assert backends._verified(pointer) is not None
 
 
-def test_bad_backend_is_a_one_line_error(tmp_path):
+def test_bad_backend_is_a_one_line_error(tmp_path, ucm_run):
     """Guards against an unknown --backend reaching the encoders (a traceback, or silently
     falling back to another backend)."""
     for args in (
@@ -109,13 +108,7 @@ def test_bad_backend_is_a_one_line_error(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: unknown backend"), done.stderr
     with pytest.raises(RshashError, match="unknown backend"):
-        CodeEncoder(HashRun.open(_run()), "cpu", "openvino")
-
-
-def _run() -> Path:
-    from tests.conftest import CACHE
-
-    return CACHE / "ucm-duch64"
+        CodeEncoder(HashRun.open(ucm_run), "cpu", "openvino")
 
 
 def test_index_records_backend_and_refuses_incompatible_queries(tmp_path, mini_dataset, ucm_run):
