@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rshash.data import load_dataset
 from rshash.errors import RshashError
 from rshash.features import backends
-from rshash.features.backends import OnnxImageEncoder, OnnxTextEncoder
+from rshash.features.backends import DEFAULT_CPU_BACKEND, OnnxImageEncoder, OnnxTextEncoder
 from rshash.features.encoders import load_image_encoder, load_text_encoder
 from rshash.features.views import ImageViewConfig, plain_view
 from rshash.index import Index
@@ -111,10 +111,11 @@ def test_bad_backend_is_a_one_line_error(tmp_path, ucm_run):
         CodeEncoder(HashRun.open(ucm_run), "cpu", "openvino")
 
 
-def test_index_records_backend_and_refuses_incompatible_queries(tmp_path, mini_dataset, ucm_run):
-    """Guards against an index that forgets which backend encoded it, or that is queried through
-    a backend whose codes differ from its own without a word. Also checks that the build's
-    decode pool keeps batches in order: its codes equal a direct encode of the files."""
+def test_index_records_backend_and_mixes_only_measured_backends(tmp_path, mini_dataset, ucm_run):
+    """Guards against an index that forgets which backend encoded it, that refuses a backend
+    measured to give the same retrieval (benchmarks/encoders.py, mixed), or that trusts a
+    manifest naming a backend we do not have. Also checks that the build's decode pool keeps
+    batches in order: its codes equal a direct encode of the files."""
     ds = load_dataset(mini_dataset)
     out = tmp_path / "idx"
     cfg = BuildConfig(image_batch=4, workers=2, backend="onnx")
@@ -125,10 +126,24 @@ def test_index_records_backend_and_refuses_incompatible_queries(tmp_path, mini_d
     index = Index.open(out)
     direct = CodeEncoder(HashRun.open(ucm_run), "cpu", "onnx").encode_image_files(ds.image_paths)
     assert np.array_equal(index.collections["images"].codes, direct)
-    assert Index.open(out, backend="torch").encoder.backend == "torch"  # same fp32 codes
-    with pytest.raises(RshashError, match="encoded with backend 'onnx'") as exc:
-        Index.open(out, backend="onnx-int8")
+    assert index.encoder.backend == DEFAULT_CPU_BACKEND == "onnx-int8"  # queries: the default
+    assert Index.open(out, backend="torch").encoder.backend == "torch"
+    manifest = json.loads((out / "index.json").read_text())
+    manifest["model"]["backend"] = "onnx-int4"
+    (out / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(RshashError, match=r"model\.backend: expected one of") as exc:
+        Index.open(out)
     assert "\n" not in str(exc.value)
+
+
+def test_int8_text_codes_do_not_depend_on_their_batch(ucm_run):
+    """Guards against dynamic int8 scaling a padded batch's activations together: a query's code
+    (and so its answer) would change with the queries the service batched beside it."""
+    encoder = CodeEncoder(HashRun.open(ucm_run), "cpu", "onnx-int8")
+    texts = [*CAPTIONS, "a river", "many tall buildings beside a wide road and a parking lot"]
+    alone = np.concatenate([encoder.encode_texts([t]) for t in texts])
+    assert np.array_equal(encoder.encode_texts(texts), alone)
+    assert np.array_equal(encoder.encode_texts(texts[::-1]), alone[::-1])
 
 
 def test_query_cache_returns_the_uncached_code(ucm_index):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from rshash.data.dataset import Dataset
 from rshash.data.images import load_rgb
-from rshash.features.backends import AUTO, resolve_backend, with_backend
+from rshash.features.backends import AUTO, FEATURES_CPU_BACKEND, resolve_backend, with_backend
 from rshash.features.encoders import (
     DEFAULT_IMAGE_ENCODER,
     DEFAULT_TEXT_ENCODER,
@@ -212,7 +212,7 @@ def extract_features(
     partial_path = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    backend = resolve_backend(cfg.backend, device)
+    backend = resolve_backend(cfg.backend, device, FEATURES_CPU_BACKEND)
     cfg = replace(cfg, backend=backend)
     img_enc = with_backend(load_image_encoder(cfg.image_encoder, device), backend)
     txt_enc = None

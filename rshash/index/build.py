@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
-from rshash.features.backends import AUTO, check_compatible
+from rshash.features.backends import AUTO, check_encoded_with
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path
 from rshash.index.encoder import CodeEncoder
@@ -301,7 +301,7 @@ def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder)
     store = FeatureStore.open(features)
     encoder.run.check_features(store)
     built = str(store.metadata.get("backend", "torch"))
-    check_compatible(built, encoder.backend, f"{features} (feature store)")
+    check_encoded_with(built, f"{features} (feature store)")
     if tuple(store.image_ids) != tuple(ds.image_ids):
         raise RshashError(f"{features}: feature store holds other images than {ds.source}")
     return store

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from rshash.errors import RshashError
-from rshash.features.backends import AUTO, check_compatible, resolve_backend
+from rshash.features.backends import AUTO, check_encoded_with, resolve_backend
 from rshash.fileio import fsync_dir, fsync_file, write_bytes_durable, write_json_atomic
 from rshash.index import integrity, store
 from rshash.index.encoder import CodeEncoder, decode_image
@@ -246,7 +246,7 @@ class Index(Searcher):
         self.path = path
         self.run = run
         self.encoder = CodeEncoder(run, device, backend)
-        check_compatible(encoded_with(manifest), self.encoder.backend, str(path))
+        check_encoded_with(encoded_with(manifest), str(path))
         self._state = _State(manifest)
         self._lock = store.WriteLock(path, lock_timeout_s)
         self._local = threading.local()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
-from rshash.features.backends import AUTO, check_backend, check_compatible, resolve_backend
+from rshash.features.backends import AUTO, check_backend, check_encoded_with, resolve_backend
 from rshash.fileio import write_json_atomic
 from rshash.index.build import caption_records, image_records, source_entry
 from rshash.index.encoder import CodeEncoder
@@ -275,7 +275,7 @@ class ShardedIndex(Searcher):
         self.nodes: dict[str, str] = dict(started)
         self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"), backend=backend)
         for name, manifest in zip(self.names, self.manifests, strict=True):
-            check_compatible(encoded_with(manifest), self.encoder.backend, str(path / name))
+            check_encoded_with(encoded_with(manifest), str(path / name))
         self.last_degraded: list[str] = []
 
     def _union_fields(self, collection: str) -> frozenset[str]:
