@@ -135,3 +135,21 @@ def test_real_ucm_features_carry_meaning(ucm_features):
     chance = 1 / 21
     assert img > 0.7, f"image 10-NN same-class rate {img:.3f} (chance {chance:.3f})"
     assert txt > 0.8, f"caption 10-NN same-class rate {txt:.3f} (chance {chance:.3f})"
+
+
+def test_demo_reuses_the_features_make_test_cached(ucm_features, ucm_path, mini_dataset, tmp_path):
+    """Guards against `make demo` after `make test` extracting UCM features again (ten minutes
+    on 2 cores), and against reusing a store that is another extraction (other items, seed or
+    backend) as if it were the demo's."""
+    from rshash.demo import _reuse_test_features
+    from rshash.features.extract import same_extraction
+
+    ucm = load_dataset(ucm_path)
+    assert same_extraction(ucm_features, ucm, ExtractConfig())
+    assert not same_extraction(ucm_features, ucm, ExtractConfig(seed=1))
+    assert not same_extraction(ucm_features, ucm, ExtractConfig(backend="torch"))
+    assert not same_extraction(ucm_features, load_dataset(mini_dataset), ExtractConfig())
+    out = tmp_path / "demo" / "ucm-features.h5"
+    assert _reuse_test_features(ucm, out)
+    assert FeatureStore.open(out).image_ids == FeatureStore.open(ucm_features).image_ids
+    assert not _reuse_test_features(load_dataset(mini_dataset), tmp_path / "other.h5")

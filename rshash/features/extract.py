@@ -235,6 +235,7 @@ def extract_features(
             if txt_enc is not None:
                 _extract_texts(f, unique, cfg, txt_enc, bar)
         meta = _metadata(ds, cfg, img_enc, txt_enc, backend)
+        meta["job_key"] = key
         meta["timing"] = {
             "image_seconds": round(images_done - started, 3),
             "text_seconds": round(time.perf_counter() - images_done, 3),
@@ -245,6 +246,19 @@ def extract_features(
         _write_final(out, f, ds, views, index, meta)
     partial_path.unlink()
     return out
+
+
+def same_extraction(path: str | Path, ds: Dataset, cfg: ExtractConfig) -> bool:
+    """Whether the finished store at `path` holds exactly what `extract_features(ds, _, cfg)`
+    would write now (same items, encoders, resolved backend, views and seed), so that it can be
+    reused instead of extracted again."""
+    backend = resolve_backend(cfg.backend, resolve_device(cfg.device), FEATURES_CPU_BACKEND)
+    try:
+        with h5py.File(path, "r") as f:
+            meta = json.loads(f.attrs["metadata"])
+    except (OSError, KeyError, ValueError):
+        return False
+    return bool(meta.get("job_key") == _job_key(ds, replace(cfg, backend=backend)))
 
 
 def _resumable(path: Path, key: str) -> bool:
