@@ -1,15 +1,22 @@
 """Load test of the search service on loopback: closed- and open-loop clients, text and image.
 
 Index: UCM (from the cached test features) + RSSCN7, encoded with the cached 64-bit DUCH test run
-(`.cache/tests/ucm-duch64`). The server (`rshash serve`, default knobs, no result cache) runs in
-its own process. Text queries are drawn at random from a large pool: every UCM caption plus
-composed phrases; image queries are RSSCN7 files. Clients speak HTTP/1.1 keep-alive over raw
-asyncio streams, so the load generator costs little of the shared CPU.
+(`.cache/tests/ucm-duch64`). The server (`rshash serve`, default knobs, query cache off) runs in
+its own process. Text queries are drawn from a large pool: every UCM caption plus composed
+phrases; image queries are RSSCN7 files; the order of requests is seeded.
+
+Clients: closed loops run `wrk` (a compiled load generator, one thread, keep-alive), whose CPU is
+read from the kernel (`os.wait4`); open loops send at fixed intervals from this process over raw
+asyncio streams (a compiled generator would not keep a schedule), and its own CPU is measured.
+Each scenario reports the client's CPU (`client_cpu`, share of one core).
 
 Scenarios: closed loop, 50 text clients; open loop at 100, 200, 400 req/s and 2x the measured
-capacity (scenario 1's rate); closed loop, 16 image clients. Limits measured in the same run:
-the batched text and image encoders' own rates at batch 64 (`encoder_limit_rps`).
-Usage: python -m benchmarks.service_load [--seconds 20]
+capacity; closed loop, 16 image clients; the two closed loops again on a `--backend torch`
+server (the peer: today's encoders); and 50 text clients sending Zipf-distributed queries
+(s = 1) to a server with its default query cache, warmed by the same load first, with the
+cache's hit ratio. Limits measured
+in the same run: each backend's text and image encoders on the same pool, batch 64.
+Usage: python -m benchmarks.service_load [--seconds 20]   (needs `wrk`: apt-get install wrk)
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +43,7 @@ from benchmarks.common import DATA_ROOT, REPO, markdown_table, write_results
 from rshash.data import load_dataset
 from rshash.index import Index
 from rshash.index.build import add_to_index, build_index
+from rshash.index.encoder import MAX_QUERY_PIXELS, CodeEncoder
 from rshash.service.queries import encode_views, image_view
 
 TEST_CACHE = REPO / ".cache" / "tests"
@@ -56,8 +66,6 @@ def build_index_once() -> Path:
     if not (INDEX / "index.json").exists():
         partial = INDEX.with_name("service-index.building")
         if partial.exists():
-            import shutil
-
             shutil.rmtree(partial)
         ucm = load_dataset(DATA_ROOT / "ucm-captions")
         build_index(run, ucm, partial, features=features)
@@ -86,35 +94,38 @@ def image_pool(rng: random.Random, n: int = 400) -> list[tuple[str, bytes]]:
 # --- limits ---------------------------------------------------------------------------------
 
 
-def encoder_limits(index: Index, texts: list[str], images: list[tuple[str, bytes]]) -> dict:
-    """Queries per second of the batched text and image encoders (batch 64), in-process, with
-    1 and with 2 torch threads (on a shared CPU either may be faster): the best of 3 timings of
-    8 text batches or 2 image batches each, then the best thread count."""
+def encoder_limits(enc: CodeEncoder, texts: list[str], images: list[tuple[str, bytes]]) -> dict:
+    """Queries per second of one backend's text and image encoders on the load's pools (batch
+    64), in-process, with 1 and with 2 threads (on a shared CPU either may be faster): the best
+    of 3 timings of 8 text batches or 2 image batches each, then the best thread count. Text is
+    also timed on the same queries bucketed by length (`text_bucketed`): what padding a batch to
+    its longest query costs (none for the ONNX backends, which run each query unpadded)."""
     rng = random.Random(SEED + 1)
-    enc = index.encoder
     default_threads = torch.get_num_threads()
-    views = [image_view(data, name, enc) for name, data in images[:128]]
+    views = [image_view(data, name, enc, MAX_QUERY_PIXELS) for name, data in images[:128]]
     out: dict[str, Any] = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         enc.encode_texts(texts[:64])
         encode_views(enc, views[:8])
-        text_rates, image_rates = [], []
+        text_rates, bucketed_rates, image_rates = [], [], []
         for _ in range(3):
-            batches = [rng.sample(texts, 64) for _ in range(8)]
-            start = time.perf_counter()
-            for b in batches:
-                enc.encode_texts(b)
-            text_rates.append(64 * len(batches) / (time.perf_counter() - start))
+            sample = rng.sample(texts, 64 * 8)
+            for order, rates in ((sample, text_rates), (sorted(sample, key=len), bucketed_rates)):
+                start = time.perf_counter()
+                for i in range(0, len(order), 64):
+                    enc.encode_texts(order[i : i + 64])
+                rates.append(len(order) / (time.perf_counter() - start))
             start = time.perf_counter()
             for i in range(0, len(views), 64):
                 encode_views(enc, views[i : i + 64])
             image_rates.append(len(views) / (time.perf_counter() - start))
         out[f"text_{threads}_threads"] = round(max(text_rates), 1)
+        out[f"text_bucketed_{threads}_threads"] = round(max(bucketed_rates), 1)
         out[f"image_{threads}_threads"] = round(max(image_rates), 1)
     torch.set_num_threads(default_threads)
-    out["text"] = max(out["text_1_threads"], out["text_2_threads"])
-    out["image"] = max(out["image_1_threads"], out["image_2_threads"])
+    for kind in ("text", "text_bucketed", "image"):
+        out[kind] = max(out[f"{kind}_1_threads"], out[f"{kind}_2_threads"])
     return out
 
 
@@ -238,30 +249,6 @@ def image_request(name: str, data: bytes) -> Request:
     return "/search/image", body, f"multipart/form-data; boundary={boundary}"
 
 
-async def closed_loop(port: int, requests: list[Request], clients: int, seconds: float) -> Tally:
-    tally = Tally(connections=clients)
-    rng = random.Random(SEED + clients)
-    stop = time.perf_counter() + seconds
-
-    async def client() -> None:
-        conn = Connection(port)
-        while time.perf_counter() < stop:
-            path, body, ctype = rng.choice(requests)
-            start = time.perf_counter()
-            try:
-                status, _ = await conn.post(path, body, ctype)
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                tally.errors.append(type(exc).__name__)
-                conn.close()
-                conn = Connection(port)
-                continue
-            _record(tally, status, time.perf_counter() - start)
-        conn.close()
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return tally
-
-
 async def open_loop(port: int, requests: list[Request], rate: float, seconds: float) -> Tally:
     """Requests sent at fixed intervals, whatever the answers; latency counts from the
     scheduled send time, so a slow server cannot hide its queue (no coordinated omission)."""
@@ -306,6 +293,99 @@ async def open_loop(port: int, requests: list[Request], rate: float, seconds: fl
     return tally
 
 
+# --- wrk: the compiled closed-loop client ----------------------------------------------------
+
+WRK_SCRIPT = Path(__file__).with_name("wrk_pool.lua")
+
+
+@dataclass
+class Outcome:
+    """One scenario as the client saw it."""
+
+    served: int
+    p50_ms: float
+    p99_ms: float
+    seconds: float
+    connections: int
+    client: str
+    client_cpu: float  # CPU seconds of the client per second of the scenario (1.0 = one core)
+    shed: int = 0
+    shed_seconds: list[float] = field(default_factory=list)  # each 503's time (python client)
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def wrk_closed_loop(
+    port: int, requests: list[Request], order: list[int], clients: int, seconds: float, work: Path
+) -> Outcome:
+    """`clients` keep-alive connections from one wrk thread, replaying `order` over `requests`."""
+    work.mkdir(parents=True, exist_ok=True)
+    path, _, ctype = requests[0]
+    bodies, offsets, at = work / "bodies", [], 0
+    with bodies.open("wb") as f:
+        for _, body, _ in requests:
+            f.write(body)
+            offsets.append(f"{at} {len(body)}")
+            at += len(body)
+    (work / "offsets").write_text("\n".join(offsets) + "\n")
+    (work / "order").write_text("\n".join(map(str, order)) + "\n")
+    cmd = [
+        "wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(WRK_SCRIPT),
+        f"http://{HOST}:{port}{path}", "--", path, ctype,
+        str(bodies), str(work / "offsets"), str(work / "order"),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - start
+    line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {text[-2000:]}")
+    got = json.loads(line[len("RESULT ") :])
+    errors = Counter(
+        {k: got[k] for k in ("other_status", "connect", "read", "write", "timeout") if got[k]}
+    )
+    return Outcome(
+        served=got["ok"],
+        p50_ms=got["p50_us"] / 1000,
+        p99_ms=got["p99_us"] / 1000,
+        seconds=got["duration_us"] / 1e6,
+        connections=clients,
+        client="wrk",
+        client_cpu=(usage.ru_utime + usage.ru_stime) / elapsed,
+        shed=got["shed"],
+        errors=errors,
+    )
+
+
+def python_open_loop(port: int, requests: list[Request], rate: float, seconds: float) -> Outcome:
+    cpu, start = time.process_time(), time.perf_counter()
+    tally = asyncio.run(open_loop(port, requests, rate, seconds))
+    elapsed = time.perf_counter() - start
+    ms = np.array(tally.served) * 1000 if tally.served else np.array([np.nan])
+    return Outcome(
+        served=len(tally.served),
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
+        seconds=elapsed,
+        connections=tally.connections,
+        client="python asyncio",
+        client_cpu=(time.process_time() - cpu) / elapsed,
+        shed=len(tally.shed),
+        shed_seconds=tally.shed,
+        errors=Counter(tally.errors),
+    )
+
+
+def zipf_order(n_items: int, length: int, rng: np.random.Generator, s: float = 1.0) -> list[int]:
+    """`length` draws over `n_items` with P(rank i) ∝ 1 / i^s, ranks shuffled over the items."""
+    p = 1.0 / np.arange(1, n_items + 1) ** s
+    ranked = rng.permutation(n_items)
+    return [int(i) for i in ranked[rng.choice(n_items, size=length, p=p / p.sum())]]
+
+
 # --- running --------------------------------------------------------------------------------
 
 
@@ -326,31 +406,40 @@ def start_server(index: Path, port: int, options: list[str]) -> subprocess.Popen
 
 
 async def _probe(port: int) -> bool:
+    """Whether the server answers a text and an image query (which also loads both encoders,
+    so no scenario pays for a first use)."""
     conn = Connection(port)
     try:
         status, _ = await conn.post(*text_request("warm up"))
+        if status != 200:
+            return False
+        name, data = image_pool(random.Random(SEED), 1)[0]
+        status, _ = await conn.post(*image_request(name, data))
         return status == 200
     finally:
         conn.close()
 
 
 def entry(
-    scenario: str, kind: str, tally: Tally, seconds: float, limit: float, offered: float | None
+    scenario: str, kind: str, backend: str, got: Outcome, limit: float, offered: float | None
 ) -> dict[str, Any]:
-    ms = np.array(tally.served) * 1000 if tally.served else np.array([np.nan])
-    rps = len(tally.served) / seconds
+    rps = got.served / got.seconds
     return {
         "scenario": scenario,
         "kind": kind,
-        "clients": tally.connections,
+        "backend": backend,
+        "clients": got.connections,
         "offered_rps": offered,
         "rps": round(rps, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "errors": len(tally.errors),
-        "shed": len(tally.shed),
+        "p50_ms": round(got.p50_ms, 1),
+        "p99_ms": round(got.p99_ms, 1),
+        "errors": sum(got.errors.values()),
+        "shed": got.shed,
         "encoder_limit_rps": limit,
         "ratio": round(rps / limit, 3),
+        "client": got.client,
+        "client_cpu": round(got.client_cpu, 3),
+        "cache_hit_ratio": None,
     }
 
 
@@ -366,77 +455,154 @@ def main() -> None:
         help="Extra `rshash serve` options, e.g. '--max-queue-ms 250' (default: its defaults).",
     )
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: install it (Debian: apt-get install wrk)")
     rng = random.Random(SEED)
+    nprng = np.random.default_rng(SEED)
     index_path = args.index or build_index_once()
     texts, images = text_pool(rng), image_pool(rng)
     index = Index.open(index_path)
-    limits_before = encoder_limits(index, texts, images)
+    default_backend = index.encoder.backend
+    encoders = {default_backend: index.encoder, "torch": CodeEncoder(index.run, "cpu", "torch")}
+    limits_before = {b: encoder_limits(e, texts, images) for b, e in encoders.items()}
     print(f"pool: {len(texts)} texts, {len(images)} images; encoder limits {limits_before}")
     text_requests = [text_request(q) for q in texts]
     image_requests = [image_request(n, d) for n, d in images]
+    uniform = [int(i) for i in nprng.integers(0, len(texts), 200_000)]
+    image_order = [int(i) for i in nprng.integers(0, len(images), 20_000)]
+    zipf = zipf_order(len(texts), 200_000, nprng)
 
-    server = start_server(index_path, args.port, args.serve_options.split())
     results, shed_ms, load, error_kinds = [], {}, {}, {}
     seen: dict[str, dict[str, Any]] = {}
+    work = Path(tempfile.mkdtemp(prefix="rshash-load-"))
+    extra = args.serve_options.split()
+    s = args.seconds
+
+    def run(scenario: str, kind: str, backend: str, client: Any, offered: float | None) -> dict:
+        before = os.getloadavg()
+        seen_before = server_samples(args.port)
+        got: Outcome = client()
+        e = entry(scenario, kind, backend, got, limits_before[backend][kind], offered)
+        path = "/search/text" if kind == "text" else "/search/image"
+        after = server_samples(args.port)
+        seen[scenario] = server_view(seen_before, after, path)
+        hits = (
+            after[("rshash_query_cache_hits_total", ())]
+            - seen_before[("rshash_query_cache_hits_total", ())]
+        )
+        misses = (
+            after[("rshash_query_cache_misses_total", ())]
+            - seen_before[("rshash_query_cache_misses_total", ())]
+        )
+        if hits + misses:
+            e["cache_hit_ratio"] = round(hits / (hits + misses), 3)
+        results.append(e)
+        load[scenario] = {"before": before, "after": os.getloadavg()}
+        if got.errors:
+            error_kinds[scenario] = dict(got.errors)
+        if got.shed_seconds:
+            shed = np.array(got.shed_seconds) * 1000
+            shed_ms[scenario] = {
+                "p50": round(float(np.percentile(shed, 50)), 1),
+                "p99": round(float(np.percentile(shed, 99)), 1),
+                "max": round(float(shed.max()), 1),
+            }
+        print(e, load[scenario], shed_ms.get(scenario), flush=True)
+        time.sleep(2)
+        return e
+
+    def serving(options: list[str]) -> subprocess.Popen:
+        return start_server(index_path, args.port, [*options, *extra])
+
+    def closed(requests: list[Request], order: list[int], clients: int, name: str) -> Any:
+        return lambda: wrk_closed_loop(args.port, requests, order, clients, s, work / name)
+
     try:
-
-        def run(scenario: str, kind: str, coro: Any, offered: float | None) -> dict:
-            before = os.getloadavg()
-            seen_before = server_samples(args.port)
-            start = time.perf_counter()
-            tally = asyncio.run(coro)
-            seconds = time.perf_counter() - start
-            e = entry(scenario, kind, tally, seconds, limits_before[kind], offered)
-            path = "/search/text" if kind == "text" else "/search/image"
-            seen[scenario] = server_view(seen_before, server_samples(args.port), path)
-            results.append(e)
-            load[scenario] = {"before": before, "after": os.getloadavg()}
-            if tally.errors:
-                error_kinds[scenario] = dict(Counter(tally.errors))
-            if tally.shed:
-                shed = np.array(tally.shed) * 1000
-                shed_ms[scenario] = {
-                    "p50": round(float(np.percentile(shed, 50)), 1),
-                    "p99": round(float(np.percentile(shed, 99)), 1),
-                    "max": round(float(shed.max()), 1),
-                }
-            print(e, load[scenario], shed_ms.get(scenario), flush=True)
-            time.sleep(2)
-            return e
-
-        s = args.seconds
-        first = run("closed_text_50", "text", closed_loop(args.port, text_requests, 50, s), None)
-        capacity = first["rps"]
-        for rate in (100, 200, 400, round(2 * capacity)):
-            name = f"open_text_{rate}" if rate != round(2 * capacity) else "open_text_2x_capacity"
-            run(name, "text", open_loop(args.port, text_requests, rate, s), float(rate))
-        run("closed_image_16", "image", closed_loop(args.port, image_requests, 16, s), None)
+        server = serving(["--query-cache", "0"])
+        try:
+            first = run(
+                "closed_text_50", "text", default_backend,
+                closed(text_requests, uniform, 50, "text"), None,
+            )  # fmt: skip
+            capacity = first["rps"]
+            for rate in (100, 200, 400, round(2 * capacity)):
+                name = (
+                    f"open_text_{rate}" if rate != round(2 * capacity) else "open_text_2x_capacity"
+                )
+                client = (lambda r: lambda: python_open_loop(args.port, text_requests, r, s))(rate)
+                run(name, "text", default_backend, client, float(rate))
+            run(
+                "closed_image_16", "image", default_backend,
+                closed(image_requests, image_order, 16, "image"), None,
+            )  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait()
+        server = serving(["--query-cache", "0", "--backend", "torch"])
+        try:
+            run(
+                "closed_text_50_torch",
+                "text",
+                "torch",
+                closed(text_requests, uniform, 50, "t"),
+                None,
+            )
+            run(
+                "closed_image_16_torch", "image", "torch",
+                closed(image_requests, image_order, 16, "i"), None,
+            )  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait()
+        server = serving([])
+        try:
+            closed(text_requests, zipf, 50, "zipf-warm")()  # a service's cache is warm
+            run(
+                "closed_text_50_zipf_cache", "text", default_backend,
+                closed(text_requests, zipf, 50, "zipf"), None,
+            )  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait()
     finally:
-        server.terminate()
-        server.wait()
-    limits_after = encoder_limits(index, texts, images)
+        shutil.rmtree(work, ignore_errors=True)
+    limits_after = {b: encoder_limits(e, texts, images) for b, e in encoders.items()}
     print(f"encoder limits after the scenarios: {limits_after}")
     # The CPU is shared: the limit is the mean of its measurements before and after the load.
-    limits = {k: round((limits_before[k] + limits_after[k]) / 2, 1) for k in ("text", "image")}
+    limits = {
+        b: {
+            k: round((limits_before[b][k] + limits_after[b][k]) / 2, 1)
+            for k in ("text", "text_bucketed", "image")
+        }
+        for b in encoders
+    }
     for e in results:
-        e["encoder_limit_rps"] = limits[e["kind"]]
+        e["encoder_limit_rps"] = limits[e["backend"]][e["kind"]]
         e["ratio"] = round(e["rps"] / e["encoder_limit_rps"], 3)
+    by_name = {e["scenario"]: e for e in results}
+    speedup = {
+        kind: round(by_name[f"closed_{kind}"]["rps"] / by_name[f"closed_{kind}_torch"]["rps"], 2)
+        for kind in ("text_50", "image_16")
+    }
 
     record = {
         "scenarios": results,
+        "speedup_over_torch": speedup,
         "shed_answer_ms": shed_ms,
         "error_kinds": error_kinds,
         "loadavg": load,
         "server_side": seen,
-        "encoder_limits": {"before": limits_before, "after": limits_after},
+        "encoder_limits": {"before": limits_before, "after": limits_after, "mean": limits},
         "pool": {"texts": len(texts), "images": len(images)},
         "index": {"images": len(index), "path": str(index_path)},
+        "default_backend": default_backend,
         "seconds_per_scenario": args.seconds,
         "serve_options": args.serve_options,
     }
-    keys = ["scenario", "kind", "clients", "offered_rps", "rps", "p50_ms", "p99_ms", "errors"]
-    keys += ["shed", "encoder_limit_rps", "ratio"]
-    rows = [[str(e[k]) for k in keys] for e in results]
+    keys = ["scenario", "kind", "backend", "clients", "offered_rps", "rps", "p50_ms", "p99_ms"]
+    keys += ["errors", "shed", "encoder_limit_rps", "ratio", "client", "client_cpu"]
+    keys += ["cache_hit_ratio"]
+    rows = [[str(e[k]) if e[k] is not None else "-" for k in keys] for e in results]
     shed_lines = "".join(
         f"- {name}: 503 answered in p50 {v['p50']} ms, p99 {v['p99']} ms, max {v['max']} ms\n"
         for name, v in shed_ms.items()
@@ -451,16 +617,24 @@ def main() -> None:
         f"- {name}: load average {v['before'][0]:.2f} before, {v['after'][0]:.2f} after\n"
         for name, v in load.items()
     )
+    limit_lines = "".join(
+        f"- {b}: text {v['text']} q/s (bucketed by length: {v['text_bucketed']}), image "
+        f"{v['image']} img/s\n"
+        for b, v in limits.items()
+    )
     intro = (
         "# Search service under load (k = 20, loopback, server in its own process)\n\n"
         f"Index: {record['index']['images']} images (UCM + RSSCN7). Pool: {len(texts)} text "
         f"queries (UCM captions + composed phrases), {len(images)} RSSCN7 images. "
-        f"{args.seconds:g} s per scenario. Limits (same run, in-process, batch 64, best of 1 and "
-        f"2 torch threads, mean of before and after the load): text encoder {limits['text']} "
-        f"q/s, image encoder {limits['image']} q/s (before {limits_before}, after "
-        f"{limits_after}). rps counts 200 answers; p50/p99 are over them (open loop: from the "
-        "scheduled send time). Server: `rshash serve` with "
+        f"{args.seconds:g} s per scenario. Default backend: {default_backend}; query cache off "
+        "except in the zipf scenario. Closed loops: wrk (one thread); open loops: a Python "
+        "asyncio client on a fixed schedule (latency from the scheduled send time). client_cpu: "
+        "the client's CPU seconds per second (1.0 = one of the 2 cores). rps counts 200 answers. "
+        f"Speedup over the torch server, same run: text {speedup['text_50']}x, image "
+        f"{speedup['image_16']}x. Server: `rshash serve` with "
         f"{args.serve_options or 'its default knobs'}.\n\n"
+        "Encoder limits (same run, in-process, batch 64, best of 1 and 2 threads, mean of before "
+        "and after the load):\n\n" + limit_lines + "\n"
     )
     markdown = (
         intro
