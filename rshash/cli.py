@@ -31,7 +31,8 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, 
 Backend = Annotated[
     str,
     typer.Option(
-        help="Inference backend: auto (onnx on CPU, torch on a GPU), torch, onnx, onnx-int8."
+        help="Inference backend: auto (on a CPU onnx-int8 for codes, onnx for training features;"
+        " torch on a GPU), torch, onnx, onnx-int8."
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
