@@ -420,6 +420,12 @@ async def _probe(port: int) -> bool:
         conn.close()
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def entry(
     scenario: str, kind: str, backend: str, got: Outcome, limit: float, offered: float | None
 ) -> dict[str, Any]:
@@ -481,8 +487,11 @@ def main() -> None:
     def run(scenario: str, kind: str, backend: str, client: Any, offered: float | None) -> dict:
         before = os.getloadavg()
         seen_before = server_samples(args.port)
+        cpu_before = process_cpu(server.pid)
         got: Outcome = client()
+        server_cpu = process_cpu(server.pid) - cpu_before
         e = entry(scenario, kind, backend, got, limits_before[backend][kind], offered)
+        e["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(got.served, 1), 2)
         path = "/search/text" if kind == "text" else "/search/image"
         after = server_samples(args.port)
         seen[scenario] = server_view(seen_before, after, path)
@@ -517,6 +526,7 @@ def main() -> None:
     def closed(requests: list[Request], order: list[int], clients: int, name: str) -> Any:
         return lambda: wrk_closed_loop(args.port, requests, order, clients, s, work / name)
 
+    server: subprocess.Popen
     try:
         server = serving(["--query-cache", "0"])
         try:
@@ -601,7 +611,7 @@ def main() -> None:
     }
     keys = ["scenario", "kind", "backend", "clients", "offered_rps", "rps", "p50_ms", "p99_ms"]
     keys += ["errors", "shed", "encoder_limit_rps", "ratio", "client", "client_cpu"]
-    keys += ["cache_hit_ratio"]
+    keys += ["cache_hit_ratio", "server_cpu_ms_per_request"]
     rows = [[str(e[k]) if e[k] is not None else "-" for k in keys] for e in results]
     shed_lines = "".join(
         f"- {name}: 503 answered in p50 {v['p50']} ms, p99 {v['p99']} ms, max {v['max']} ms\n"
@@ -629,7 +639,9 @@ def main() -> None:
         f"{args.seconds:g} s per scenario. Default backend: {default_backend}; query cache off "
         "except in the zipf scenario. Closed loops: wrk (one thread); open loops: a Python "
         "asyncio client on a fixed schedule (latency from the scheduled send time). client_cpu: "
-        "the client's CPU seconds per second (1.0 = one of the 2 cores). rps counts 200 answers. "
+        "the client's CPU seconds per second (1.0 = one of the 2 cores); "
+        "server_cpu_ms_per_request: the server process's CPU (all threads) per answered "
+        "request. rps counts 200 answers. "
         f"Speedup over the torch server, same run: text {speedup['text_50']}x, image "
         f"{speedup['image_16']}x. Server: `rshash serve` with "
         f"{args.serve_options or 'its default knobs'}.\n\n"
