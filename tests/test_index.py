@@ -68,6 +68,22 @@ def test_ucm_index_holds_images_and_captions(ucm_index):
     assert [h.key for h in within[:20]] == [h.key for h in top]
 
 
+def test_cached_records_equal_stored_ones_and_stay_unchanged_by_callers(ucm_index):
+    """Guards against the record cache handing out its own dicts (a caller that edits a hit's
+    record, or its captions, would change every later answer) or answering other records than
+    SQLite holds."""
+    index = Index.open(ucm_index)
+    first = index.search_text("a river", k=10, collection="images")
+    stored = [h.item for h in Index.open(ucm_index).search_text("a river", k=10)]
+    assert [h.item for h in first] == stored
+    for h in first:
+        h.item["class"] = "edited"
+        h.item.setdefault("captions", []).append("edited")
+    again = index.search_text("a river", k=10, collection="images")
+    assert [h.item for h in again] == stored
+    assert len(index._records) >= 10  # served from the cache this time
+
+
 def test_add_remove_reopen_round_trip(ucm_run, tmp_path):
     first = load_dataset(make_caption_dataset(tmp_path / "a", per_class=3, classes=(0, 8)))
     second = load_dataset(make_caption_dataset(tmp_path / "b", per_class=2, classes=(16,)))

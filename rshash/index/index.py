@@ -63,6 +63,9 @@ MAX_K = 10_000
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
+# Decoded records kept per index: a committed key's record never changes (keys are never reused,
+# compaction keeps them), and decoding 20 records' JSON was most of a search's CPU.
+RECORD_CACHE = 65_536
 FILTER_SECONDS = 10.0  # longest a filter's SQL query may run before it is an error
 PROGRESS_STEPS = 1_000_000  # SQLite steps between looks at the clock (each takes the GIL)
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
@@ -223,6 +226,12 @@ def encoded_with(manifest: dict[str, Any]) -> str:
     return str(manifest["model"].get("backend", "torch"))
 
 
+def _copy_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a decoded record whose lists and dicts are copies too (one level down, where
+    records keep captions, windows and bounds)."""
+    return {k: v.copy() if isinstance(v, list | dict) else v for k, v in record.items()}
+
+
 def check_query(k: int, radius: int | None, bits: int) -> None:
     """k in 1..MAX_K, or a radius in 0..bits (a code is never farther than its length)."""
     if radius is not None and not 0 <= radius <= bits:
@@ -253,6 +262,8 @@ class Index(Searcher):
         self._pending: _Pending | None = None
         self._filters: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._filters_lock = threading.Lock()
+        self._records: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._records_lock = threading.Lock()
         self._fields: dict[tuple[int, str], frozenset[str]] = {}
         # Fields other shards of a sharded index hold: valid here too, matching nothing.
         self.shared_fields: dict[str, frozenset[str]] = {}
@@ -956,21 +967,35 @@ class Index(Searcher):
         return col.engine.search(pad_packed(codes, self.bits), min(k, len(col)), keys)
 
     def _hits(self, collection: str, found: list[Hits]) -> list[list[Hit]]:
-        """Hits with their records, fetched by key in one query per 900 keys."""
+        """Hits with their records: decoded ones from the record cache, the others fetched by
+        key in one query per 900 keys. Each hit gets its own copy of the record (a caller may change
+        it without changing the cache's)."""
         c = coll_code(collection)
-        wanted = sorted({int(k) for _, keys in found for k in keys if k >= 0})
+        wanted = sorted({store.rid(c, int(k)) for _, keys in found for k in keys if k >= 0})
         records: dict[int, dict[str, Any]] = {}
-        for part in store.chunks([store.rid(c, k) for k in wanted]):
+        with self._records_lock:
+            for rid in wanted:
+                rec = self._records.get(rid)
+                if rec is not None:
+                    self._records.move_to_end(rid)
+                    records[rid] = rec
+        missing = [rid for rid in wanted if rid not in records]
+        for part in store.chunks(missing):
             marks = ", ".join("?" * len(part))
             rows = self._db().execute(
-                f"SELECT {KEY}, captions, record FROM items WHERE rid IN ({marks})", part
+                f"SELECT rid, captions, record FROM items WHERE rid IN ({marks})", part
             )
-            records.update((key, store.record_of(caps, rec)) for key, caps, rec in rows)
+            fetched = {rid: store.record_of(caps, rec) for rid, caps, rec in rows}
+            records.update(fetched)
+            with self._records_lock:
+                self._records.update(fetched)
+                while len(self._records) > RECORD_CACHE:
+                    self._records.popitem(last=False)
         return [
             [
-                Hit(int(key), int(d), records[int(key)])
+                Hit(int(key), int(d), _copy_record(records[rid]))
                 for d, key in zip(dists, keys, strict=True)
-                if key >= 0 and int(key) in records
+                if key >= 0 and (rid := store.rid(c, int(key))) in records
             ]
             for dists, keys in found
         ]
