@@ -266,7 +266,7 @@ def encode(
     from rshash.features import FeatureStore
     from rshash.fileio import atomic_path
     from rshash.index.packing import pack_codes
-    from rshash.training import HashRun
+    from rshash.models.run import HashRun
 
     hash_run = HashRun.open(run)
     store = FeatureStore.open(features)
@@ -318,7 +318,7 @@ def audit(
     from rshash.data import load_dataset
     from rshash.evaluation.audit import audit_pairs, write_csv, write_html
     from rshash.features import FeatureStore
-    from rshash.training import HashRun
+    from rshash.models.run import HashRun
 
     if top <= 0:
         raise RshashError(f"--top must be positive, got {top}")

@@ -37,7 +37,7 @@ from rshash.index.engines import make_engine
 from rshash.index.index import Index, model_fingerprint
 from rshash.index.packing import pack_codes
 from rshash.index.store import LOCK_TIMEOUT_S, MANIFEST
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 T = TypeVar("T")
 JOB_LOCK = "job.lock"  # held by the process encoding into a job folder

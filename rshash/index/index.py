@@ -56,8 +56,8 @@ from rshash.index.store import (
     live_sql,
 )
 from rshash.models.model_file import MODEL, MODEL_FILES, model_fingerprint
+from rshash.models.run import HashRun
 from rshash.reproducibility import provenance, resolve_device
-from rshash.training.run import HashRun
 
 MAX_K = 10_000
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes

@@ -36,8 +36,8 @@ from rshash.index.index import (
 )
 from rshash.index.packing import empty_codes
 from rshash.index.store import COLLECTIONS, LOCK, connect
+from rshash.models.run import HashRun
 from rshash.reproducibility import resolve_device
-from rshash.training.run import HashRun
 
 SHARDS = "shards.json"
 START_TIMEOUT = 300.0  # seconds for every shard actor to come up
