@@ -147,7 +147,7 @@ def _cli(*args):
     """The CLI in this process (one Ray for every sharded search, instead of one per call)."""
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def _ranked(output):

@@ -201,7 +201,8 @@ class _Shard:
         probe = empty_codes(1, index.bits)
         for name, col in index.collections.items():  # compile the search kernels now
             if len(col):
-                index.search_codes(probe, 1, name)
+                index.search_codes(probe, min(2, len(col)), name)  # top-k of k > 1
+                index.search_codes(probe, 1, name, radius=0)
         self._held[generation] = (folder, index)
         for old in sorted(self._held)[:-KEEP_GENERATIONS]:
             self._held.pop(old)[0].cleanup()
