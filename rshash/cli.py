@@ -398,8 +398,21 @@ def index_build(
     stride: Stride = None,
     bands: Bands = None,
     lock_timeout: LockTimeout = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(help="Write a sharded index of this many shards (served on Ray)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --shards: encode the images on this Ray cluster's Ray Data workers"
+            " ('local': a Ray on this machine); every node must read DATA."
+        ),
+    ] = None,
 ) -> None:
-    """Encode every image (and caption) of DATA with RUN's model into a new index."""
+    """Encode every image (and caption) of DATA with RUN's model into a new index.
+
+    A killed build resumes from the batches it saved when run again with the same options."""
     from rshash.features.backends import check_backend
     from rshash.index.build import BuildConfig, build_index, read_extra_fields
 
@@ -415,8 +428,17 @@ def index_build(
         backend=backend,
         lock_timeout_s=wait,
     )
-    index = build_index(run, ds, out, cfg, features, read_extra_fields(fields, ds.image_ids))
-    _echo_index(index)
+    extra = read_extra_fields(fields, ds.image_ids)
+    if shards is None:
+        if ray_address is not None:
+            raise RshashError("--ray-address: only with --shards (a sharded index)")
+        _echo_index(build_index(run, ds, out, cfg, features, extra))
+        return
+    from rshash.index import open_index
+    from rshash.index.sharded import build_sharded
+
+    build_sharded(run, ds, out, shards, cfg, features, extra, ray_address=ray_address)
+    _echo_index(open_index(out))
 
 
 @index_app.command("add")

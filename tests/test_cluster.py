@@ -212,3 +212,58 @@ def test_sharded_and_local_give_the_same_hits_everywhere(local_ray, shards, ucm_
             )
     assert answers[0] == answers[1]
     assert answers[0][3] == ("ok", 2101, 10505)
+
+
+def test_sharded_build_is_the_local_build_in_shards(ucm_run, tmp_path, monkeypatch):
+    """Guards against a second, poorer build path: `index build --shards` must take --fields,
+    resume from the batches a failed build saved, and give the local build's answers."""
+    from rshash.index import sharded
+
+    data = make_caption_dataset(tmp_path / "mini", per_class=2, classes=(0, 8, 16))
+    ids = load_dataset(data).image_ids
+    fields = tmp_path / "fields.json"
+    fields.write_text(json.dumps({i: {"year": 2000 + n} for n, i in enumerate(ids)}))
+    common = ["--fields", fields, "--device", "cpu", "--batch-size", "2"]
+    _cli("index", "build", ucm_run, data, "--out", tmp_path / "local", *common)
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed while writing the shards")
+
+    monkeypatch.setattr(sharded, "_write_shards", dies)
+    with pytest.raises(RuntimeError):
+        CliRunner().invoke(
+            app,
+            [
+                str(a)
+                for a in [
+                    "index",
+                    "build",
+                    ucm_run,
+                    data,
+                    "--out",
+                    tmp_path / "sh",
+                    "--shards",
+                    2,
+                    *common,
+                ]
+            ],
+            catch_exceptions=False,
+        )
+    saved = list((tmp_path / "sh.partial").rglob("images-*.npy"))
+    assert len(saved) == 3 and not (tmp_path / "sh" / SHARDS).exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(sharded, "_ray_encode_batches", dies)  # must not be needed
+    shown = _cli("index", "build", ucm_run, data, "--out", tmp_path / "sh", "--shards", 2, *common)
+    assert "images: 6 items" in shown and not (tmp_path / "sh.partial").exists()
+    cluster = read_cluster(tmp_path / "sh")
+    assert [m["collections"]["images"]["count"] for m in cluster["committed"].values()] == [3, 3]
+    local, built = Index.open(tmp_path / "local"), open_index(tmp_path / "sh")
+    assert built.counts() == local.counts()
+    for path in (tmp_path / "local", tmp_path / "sh"):
+        idx = Index.open(path / "shard-001") if path.name == "sh" else Index.open(path)
+        assert idx.item(ids[4])["year"] == 2004
+    codes = local.collections["images"].codes
+    shard_codes = np.concatenate(
+        [Index.open(tmp_path / "sh" / n).collections["images"].codes for n in cluster["shards"]]
+    )
+    assert (codes == shard_codes).all(), "the same codes under the same global keys"

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,20 @@ from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.features.backends import AUTO, check_backend, check_compatible, resolve_backend
 from rshash.index.base import Allowed, BBox, Hit, Queries, check_query, filter_args
-from rshash.index.build import caption_records, image_records, source_entry
+from rshash.index.build import (
+    BuildConfig,
+    _batch,
+    _job_dir,
+    _job_key,
+    _matching_store,
+    _saved,
+    caption_records,
+    check_extra_fields,
+    encode_archive,
+    image_record,
+    image_records,
+    source_entry,
+)
 from rshash.index.cluster import (
     SHARDS,
     ShardWriter,
@@ -41,6 +56,7 @@ from rshash.index.cluster import (
     write_cluster,
 )
 from rshash.index.encoder import CodeEncoder
+from rshash.index.engines import make_engine
 from rshash.index.filters import check_bbox, compile_where
 from rshash.index.index import Index, encoded_with, record_fields
 from rshash.index.packing import empty_codes
@@ -52,7 +68,14 @@ START_TIMEOUT = 300.0  # seconds for every shard actor to come up
 HEALTH_TIMEOUT = 1.0  # seconds a replica has to answer a health ping
 KEEP_GENERATIONS = 2  # shard generations a replica holds: the current and the one before
 
-__all__ = ["SHARDS", "ShardUnavailable", "ShardedIndex", "ray_build_shards", "ray_encode_images"]
+__all__ = [
+    "SHARDS",
+    "ShardUnavailable",
+    "ShardedIndex",
+    "build_sharded",
+    "ray_build_shards",
+    "ray_encode_images",
+]
 
 
 def _ray(address: str | None) -> Any:
@@ -154,6 +177,142 @@ def ray_build_shards(
     names = [p.name for p in paths]
     write_cluster(out, names, {n: read_manifest(out / n) for n in names}, generation=0)
     return paths
+
+
+def build_sharded(
+    run_dir: str | Path,
+    ds: ImageSource,
+    out: str | Path,
+    shards: int,
+    cfg: BuildConfig | None = None,
+    features: str | Path | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
+    ray_workers: int = 2,
+) -> Path:
+    """The local build's streaming, resumable encoding (`build.encode_archive`, `--fields`,
+    scene tiles), written into `shards` index shards with global keys and a `shards.json`.
+
+    With `ray_address`, the images are encoded by `ray_workers` Ray Data workers (each node
+    reads its images: shared storage), batch by batch into the same saved batches, so a killed
+    build resumes from the batches saved, with or without Ray. Writing the shards (fast) is
+    redone from the saved batches when a build died in it: nothing is published before
+    `shards.json`.
+    """
+    cfg = cfg or BuildConfig()
+    check_extra_fields(extra or {})
+    out = Path(out)
+    if not 1 <= shards <= MAX_SHARDS:
+        raise RshashError(f"--shards: expected 1 to {MAX_SHARDS}, got {shards}")
+    if (out / SHARDS).exists() or (out / "index.json").exists():
+        raise RshashError(f"{out}: an index already exists here (use `rshash index add`)")
+    run = HashRun.open(run_dir)
+    make_engine(cfg.engine, run.bits, cfg.engine_params)  # a bad engine fails before encoding
+    encoder = CodeEncoder(run, cfg.device, cfg.backend)
+    store = _matching_store(features, ds, encoder) if features else None
+    key = _job_key(ds, cfg, encoder, store is not None)
+    with _job_dir(out.with_name(out.name + ".partial"), key) as work:
+        if ray_address is not None and store is None:
+            _ray_encode_batches(run_dir, ds, work, cfg, encoder.backend, ray_address, ray_workers)
+        encode_archive(encoder, ds, work, cfg, store, progress)  # captions, images left
+        _write_shards(run_dir, ds, work, out, shards, cfg, extra, encoder.backend)
+    return out
+
+
+MAX_SHARDS = 1024
+
+
+def _ray_encode_batches(
+    run_dir: str | Path,
+    ds: ImageSource,
+    work: Path,
+    cfg: BuildConfig,
+    backend: str,
+    address: str,
+    workers: int,
+) -> None:
+    """Encode the image batches not saved yet on Ray Data; each saved once all its rows came."""
+    ray = _ray(address)
+    ranges = [
+        (b, lo, min(lo + cfg.image_batch, len(ds)))
+        for b, lo in enumerate(range(0, len(ds), cfg.image_batch))
+    ]
+    todo = [(b, lo, hi) for b, lo, hi in ranges if not (work / f"images-{b:06d}.npy").exists()]
+    if not todo:
+        return
+    rows = [{"row": i} for _, lo, hi in todo for i in range(lo, hi)]
+    encoded = ray.data.from_items(
+        rows, override_num_blocks=max(1, min(len(rows), workers * 4))
+    ).map_batches(
+        EncodeImages,
+        fn_constructor_args=(str(run_dir), cfg.device, ds, backend),
+        batch_size=cfg.image_batch,
+        batch_format="numpy",
+        concurrency=workers,
+    )
+    codes = empty_codes(len(ds), HashRun.open(run_dir).bits)
+    left = {b: hi - lo for b, lo, hi in todo}
+    batch_of = {i: b for b, lo, hi in todo for i in range(lo, hi)}
+    bounds = {b: (lo, hi) for b, lo, hi in todo}
+    for part in encoded.iter_batches(batch_format="numpy", batch_size=None):
+        codes[part["row"]] = part["codes"]
+        for i in part["row"].tolist():
+            b = batch_of[i]
+            left[b] -= 1
+            if not left[b]:
+                lo, hi = bounds[b]
+                _saved(work, "images", b, partial(np.array, codes[lo:hi]))
+
+
+def _write_shards(
+    run_dir: str | Path,
+    ds: ImageSource,
+    work: Path,
+    out: Path,
+    shards: int,
+    cfg: BuildConfig,
+    extra: dict[str, dict[str, Any]] | None,
+    backend: str,
+) -> None:
+    """Shards s = 0..S-1 of the saved batches: images [s·n/S, (s+1)·n/S) with their captions,
+    keys global; then `shards.json` (what a build killed here left is redone)."""
+    for stale in out.glob("shard-*"):
+        shutil.rmtree(stale)
+    n = len(ds)
+    cap_start = np.concatenate([[0], np.cumsum([len(c) for c in ds.captions])]).astype(int)
+    image_codes = _concat(work, "images", len(range(0, n, cfg.image_batch)))
+    n_caps = int(cap_start[-1])
+    caption_codes = _concat(work, "captions", len(range(0, n_caps, cfg.text_batch)))
+    captions = caption_records(ds)
+    names = []
+    for s in range(shards):
+        lo, hi = s * n // shards, (s + 1) * n // shards
+        shard = Index.create(
+            out / f"shard-{s:03d}",
+            run_dir,
+            cfg.engine,
+            cfg.engine_params,
+            cfg.device,
+            cfg.lock_timeout_s,
+            backend,
+        )
+        for start in range(lo, hi, cfg.image_batch):
+            stop = min(start + cfg.image_batch, hi)
+            records = [image_record(ds, i, extra) for i in range(start, stop)]
+            shard.add("images", image_codes[start:stop], records, first_key=start)
+        a, b = int(cap_start[lo]), int(cap_start[hi])
+        for start in range(a, b, cfg.text_batch):
+            stop = min(start + cfg.text_batch, b)
+            shard.add("captions", caption_codes[start:stop], captions[start:stop], first_key=start)
+        shard.commit(source_entry(ds, rows=[lo, hi], images=hi - lo, backend=backend))
+        names.append(shard.path.name)
+    write_cluster(out, names, {n: read_manifest(out / n) for n in names}, generation=0)
+
+
+def _concat(work: Path, prefix: str, batches: int) -> np.ndarray:
+    parts = [_batch(work, prefix, b) for b in range(batches)]
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.uint8)
 
 
 class ShardUnavailable(RshashError):
