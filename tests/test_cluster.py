@@ -267,3 +267,21 @@ def test_sharded_build_is_the_local_build_in_shards(ucm_run, tmp_path, monkeypat
         [Index.open(tmp_path / "sh" / n).collections["images"].codes for n in cluster["shards"]]
     )
     assert (codes == shard_codes).all(), "the same codes under the same global keys"
+
+
+def test_serve_device_reaches_a_sharded_index_encoder(shards, monkeypatch):
+    """Guards against `serve --device` being dropped for a sharded index (its query encoder
+    was opened on the default device whatever the flag said)."""
+    from rshash.index import sharded
+    from rshash.service import create_app
+
+    devices = []
+    real = sharded.CodeEncoder
+
+    def recording(run, device="auto", backend="auto"):
+        devices.append(device)
+        return real(run, device, backend)
+
+    monkeypatch.setattr(sharded, "CodeEncoder", recording)
+    create_app(shards, ServiceConfig(device="cpu", backend="torch"))
+    assert devices == ["cpu"]
