@@ -108,12 +108,12 @@ def _item_live(index, item_id):
 
 def test_sharded_add_goes_to_the_smallest_shard_with_global_keys(shards):
     """Guards the routing rule: one add touches one shard (the one with the fewest images),
-    keys continue after every shard's, and ids already in another shard are refused."""
+    keys continue after every shard's, and ids already in another shard are refused (the
+    refused change lets go of the writer lock, or the next add would wait for it)."""
     index = open_index(shards)
     taken = Index.open(shards / "shard-001").items()[0]["id"]
     with pytest.raises(Exception, match="already in the index"):
         index.add("images", np.zeros((1, 8), np.uint8), [{"id": taken}])
-    index.close()
     keys = index.add("images", np.zeros((3, 8), np.uint8), [{"id": f"a-{i}"} for i in range(3)])
     index.commit()
     assert keys.tolist() == [2100, 2101, 2102]

@@ -240,8 +240,15 @@ class ShardWriter:
 
     def add(self, collection: str, codes: np.ndarray, items: list[dict[str, Any]]) -> np.ndarray:
         """Add to this change's shard (the one with the fewest images), keys after every
-        shard's."""
+        shard's. A refused add drops the whole change, as `Index.add` does."""
         self._begin()
+        try:
+            return self._add(collection, codes, items)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, collection: str, codes: np.ndarray, items: list[dict[str, Any]]) -> np.ndarray:
         if self._target is None:
             self.check_new_ids(collection, items)
             counts = {
@@ -265,11 +272,18 @@ class ShardWriter:
         self._begin()
         wanted = [str(i) for i in ids]
         removed = 0
-        for name in self.names:
-            gen = int(self.cluster["committed"][name]["generation"])
-            shard = self.path / name
-            if live_ids(shard, "images", wanted, gen) or live_ids(shard, "captions", wanted, gen):
-                removed += self._writer(name).remove(wanted)
+        try:
+            for name in self.names:
+                gen = int(self.cluster["committed"][name]["generation"])
+                shard = self.path / name
+                held = live_ids(shard, "images", wanted, gen) or live_ids(
+                    shard, "captions", wanted, gen
+                )
+                if held:
+                    removed += self._writer(name).remove(wanted)
+        except BaseException:
+            self.close()
+            raise
         return removed
 
     def commit(self, source: dict[str, Any] | None = None) -> None:
