@@ -476,6 +476,10 @@ class ShardedIndex(Queries):
             manifest = self._view.committed[name]
             check_compatible(encoded_with(manifest), self.encoder.backend, str(path / name))
         self._actors: dict[str, list[Any]] = {}
+        # The shards' files in Ray's object store, held here: each shard's current generation,
+        # and the one its replicas were created with (Ray rebuilds a restarted actor from it).
+        self._contents: dict[str, tuple[int, Any]] = {}
+        self._first_contents: dict[str, Any] = {}
         self._turn = itertools.count()
         self._start_lock = threading.Lock()
         self._writer: ShardWriter | None = None
@@ -576,6 +580,8 @@ class ShardedIndex(Queries):
         actors: dict[str, list[Any]] = {}
         for name in view.names:
             contents = ray.put(snapshot(self.path / name, view.committed[name]))
+            self._contents[name] = (view.shard_generation(name), contents)
+            self._first_contents[name] = contents  # a restarting replica is built from it
             actors[name] = [
                 self._actor(name, i).remote(
                     name, view.shard_generation(name), contents, view.fields
@@ -678,9 +684,11 @@ class ShardedIndex(Queries):
 
     def _reload(self, name: str, view: _View) -> None:
         """Give every replica of `name` the view's generation (a restarted one lacks it)."""
-        contents = self._ray.put(snapshot(self.path / name, view.committed[name]))
+        generation, contents = self._contents[name]
+        if view is not self._view or generation != view.shard_generation(name):
+            return  # a query of a generation since replaced: nothing to do
         for replica in self._actors[name]:
-            replica.load.remote(view.shard_generation(name), contents, view.fields)
+            replica.load.remote(generation, contents, view.fields)
 
     def refresh(self) -> bool:
         """Move to the newest cluster generation: changed shards are loaded by their replicas
@@ -694,6 +702,7 @@ class ShardedIndex(Queries):
                 if view.shard_generation(name) == self._view.shard_generation(name):
                     continue
                 contents = self._ray.put(snapshot(self.path / name, view.committed[name]))
+                self._contents[name] = (view.shard_generation(name), contents)
                 refs = [
                     a.load.remote(view.shard_generation(name), contents, view.fields)
                     for a in self._actors[name]
