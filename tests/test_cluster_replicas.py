@@ -56,9 +56,10 @@ def test_replicas_answer_through_a_node_loss_and_a_live_add(
     three_nodes, ucm_index, ucm_run, ucm_path, tmp_path
 ):
     """Guards against a lost node failing queries when its shards have replicas elsewhere,
-    replicas placed on one node, a restarted replica answering from an old generation, and a
-    service that needs a restart to see an add: every streamed query must answer 200 with the
-    local index's answer before or after the add, while a node goes and another process adds."""
+    replicas placed on one node, a replica that cannot be rebuilt (its files gone from the
+    object store) or answers from an old generation, and a service that needs a restart to see
+    an add: every streamed query must answer 200 with the local index's answer before or after
+    the add, while a node goes and another process adds; the lost replica comes back."""
     c, workers = three_nodes
     single = Index.open(ucm_index)
     shards = tmp_path / "shards"
@@ -132,3 +133,15 @@ def test_replicas_answer_through_a_node_loss_and_a_live_add(
         assert all(hits in wants for _, hits in answers)
         assert answers[-1][1] == wants[1]
         assert http.get("/healthz").json()["generation"] == 1
+
+        def rebuilt() -> bool:
+            nodes = http.get("/healthz").json()["replica_nodes"]
+            return all(len(set(n)) == 2 and victim.node_id not in n for n in nodes.values())
+
+        _wait_for(rebuilt, 240, "the lost replica rebuilt on the remaining nodes")
+        for _ in range(6):  # round-robin: the rebuilt replica answers from the new generation
+            r = http.post("/search/text", json=query)
+            assert (
+                r.status_code == 200
+                and [(h["id"], h["distance"]) for h in r.json()["results"]] == wants[1]
+            )
