@@ -19,6 +19,7 @@ import asyncio
 import os
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -54,6 +55,13 @@ def make_indexes(root: Path) -> tuple[Path, Path]:
         caption_codes=single.collections["captions"].codes,
     )
     return local, root / "shards"
+
+
+def free_port() -> int:
+    """A port nobody listens on (a fixed one may be another benchmark's server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_cluster() -> Any:
@@ -102,7 +110,10 @@ def freshness(index_path: Path, port: int, start: int) -> float:
     index.commit()
     committed = time.perf_counter()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        while http.get("/healthz").json()["images"] < before + ADDED:
+        # The service looks for a new generation between batches: a query keeps them coming.
+        while http.post("/search/text", json={"query": "a river", "k": 1}).status_code and (
+            http.get("/healthz").json()["images"] < before + ADDED
+        ):
             time.sleep(0.02)
     return round((time.perf_counter() - committed) / REFRESH_S, 2)
 
@@ -111,9 +122,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--port", type=int, default=0, help="Server port (0: a free one).")
     parser.add_argument("--name", default="cluster", help="Results file name (without suffix).")
     args = parser.parse_args()
+    args.port = args.port or free_port()
     requests = [text_request(q) for q in text_pool(random.Random(0))]
     root = Path(tempfile.mkdtemp(prefix="rshash-cluster-bench-"))
     results: list[dict[str, Any]] = []

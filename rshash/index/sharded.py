@@ -520,6 +520,11 @@ class ShardedIndex(Queries):
         return list(self._view.names)
 
     @property
+    def fields(self) -> dict[str, frozenset[str]]:
+        """Per collection, the record fields of any shard (what a `where` filter may name)."""
+        return dict(self._view.fields)
+
+    @property
     def manifests(self) -> list[dict[str, Any]]:
         return [self._view.committed[n] for n in self._view.names]
 
