@@ -416,6 +416,21 @@ class _Shard:
         return list(zip(keys, index.items(collection), strict=True))
 
 
+class _Loading(threading.Thread):
+    """A refresh in progress: the replicas loading a new cluster generation's shards."""
+
+    def __init__(self, index: ShardedIndex, view: _View) -> None:
+        super().__init__(name="rshash-shard-refresh", daemon=True)
+        self.index, self.view = index, view
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.index._load(self.view)
+        except Exception as exc:  # handed to the next refresh() call
+            self.error = exc
+
+
 @dataclass(frozen=True)
 class _View:
     """One cluster generation as the queries see it: each shard's generation and manifest."""
@@ -483,6 +498,8 @@ class ShardedIndex(Queries):
         self._turn = itertools.count()
         self._start_lock = threading.Lock()
         self._writer: ShardWriter | None = None
+        self._refresh_lock = threading.Lock()
+        self._loading: _Loading | None = None
         self._ray: Any = None
         self.nodes: dict[str, list[str]] = {}
         self.last_degraded: list[str] = []
@@ -696,28 +713,56 @@ class ShardedIndex(Queries):
             replica.load.remote(generation, contents, view.fields)
 
     def refresh(self) -> bool:
-        """Move to the newest cluster generation: changed shards are loaded by their replicas
-        first, then queries switch at once (those running finish on the old generation)."""
-        cluster = read_cluster(self.path)
-        if int(cluster["generation"]) == self._view.generation:
+        """Move to the newest cluster generation; True once switched.
+
+        The changed shards' files are shipped to and loaded by their replicas in a thread of
+        their own (seconds for a large shard), so the caller (the service's batch thread) is
+        never held up: calls return False until the replicas hold it, then queries switch at
+        once (those running finish on the old generation).
+        """
+        with self._refresh_lock:
+            loading = self._loading
+            if loading is not None:
+                if loading.is_alive():
+                    return False
+                self._loading = None
+                if loading.error is not None:
+                    raise loading.error
+                if loading.view.generation == self._view.generation:
+                    return False
+                self._view = loading.view
+                return True
+            cluster = read_cluster(self.path)
+            if int(cluster["generation"]) == self._view.generation:
+                return False
+            view = self._view_of(cluster)
+            if not self._actors:
+                self._view = view
+                return True
+            self._loading = _Loading(self, view)
+            self._loading.start()
             return False
-        view = self._view_of(cluster)
-        if self._actors:
-            for name in view.names:
-                if view.shard_generation(name) == self._view.shard_generation(name):
-                    continue
-                contents = self._ray.put(snapshot(self.path / name, view.committed[name]))
-                self._contents[name] = (view.shard_generation(name), contents)
-                refs = [
-                    a.load.remote(view.shard_generation(name), contents, view.fields)
-                    for a in self._actors[name]
-                ]
-                ready, _ = self._ray.wait(refs, num_returns=1, timeout=START_TIMEOUT)
-                if not ready:
-                    raise ShardUnavailable(f"{self.path}: refresh: no replica of {name} loaded")
-                self._ray.get(ready[0])  # a replica that failed to load reloads when asked
-        self._view = view
-        return True
+
+    def _refresh_now(self) -> None:
+        """Switch to the newest generation before returning (after this index's own change)."""
+        while not self.refresh() and self._loading is not None:
+            self._loading.join()
+
+    def _load(self, view: _View) -> None:
+        """Have the replicas of every shard that changed load its generation in `view`."""
+        for name in view.names:
+            if view.shard_generation(name) == self._view.shard_generation(name):
+                continue
+            contents = self._ray.put(snapshot(self.path / name, view.committed[name]))
+            refs = [
+                a.load.remote(view.shard_generation(name), contents, view.fields)
+                for a in self._actors[name]
+            ]
+            ready, _ = self._ray.wait(refs, num_returns=1, timeout=START_TIMEOUT)
+            if not ready:
+                raise ShardUnavailable(f"{self.path}: refresh: no replica of {name} loaded")
+            self._ray.get(ready[0])  # a replica that failed to load reloads when asked
+            self._contents[name] = (view.shard_generation(name), contents)
 
     def health(self) -> dict[str, Any]:
         """Shards (`degraded`: those with no replica answering a ping within a second) and the
@@ -842,11 +887,11 @@ class ShardedIndex(Queries):
 
     def commit(self, source: dict[str, Any] | None = None) -> None:
         self._writing().commit(source)
-        self.refresh()
+        self._refresh_now()
 
     def compact(self) -> dict[str, int]:
         dropped = self._writing().compact()
-        self.refresh()
+        self._refresh_now()
         return dropped
 
     def close(self) -> None:
