@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from rshash.cli import app
 from rshash.data import load_dataset
+from rshash.errors import RshashError
 from rshash.index import Index, open_index
 from rshash.index.cluster import SHARDS, check_cluster, read_cluster, snapshot
 from rshash.index.sharded import ray_build_shards
@@ -283,5 +284,15 @@ def test_serve_device_reaches_a_sharded_index_encoder(shards, monkeypatch):
         return real(run, device, backend)
 
     monkeypatch.setattr(sharded, "CodeEncoder", recording)
+    monkeypatch.setattr(sharded.ShardedIndex, "health", lambda self: {})  # no replicas needed
     create_app(shards, ServiceConfig(device="cpu", backend="torch"))
     assert devices == ["cpu"]
+
+
+def test_more_replicas_than_nodes_fails_at_startup(local_ray, shards):
+    """Guards against replicas that could never be placed (a STRICT_SPREAD group waiting for
+    nodes that do not exist) hanging the service: it must refuse to start, in one line."""
+    from rshash.service import create_app
+
+    with pytest.raises(RshashError, match=r"--replicas 2: needs as many Ray nodes, .* has 1$"):
+        create_app(shards, ServiceConfig(replicas=2))

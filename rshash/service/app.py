@@ -142,6 +142,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     index = open_index(index_path, cfg)
+    index.health()  # a sharded index starts its replicas here: a bad setting fails at startup
     searcher = Searcher(index)
     thumbs = Path(index_path) / "thumbnails"
     metrics = ServiceMetrics()
