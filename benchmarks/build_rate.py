@@ -21,7 +21,7 @@ from rshash.features.backends import DEFAULT_CPU_BACKEND
 from rshash.index.build import BuildConfig, build_index
 from rshash.index.encoder import CodeEncoder
 from rshash.reproducibility import seed_everything
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 SEED = 0
 

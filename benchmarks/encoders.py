@@ -39,7 +39,7 @@ from rshash.features.encoders import ImageEncoder, load_image_encoder, load_text
 from rshash.features.store import FeatureStore
 from rshash.features.views import ImageViewConfig, plain_view
 from rshash.index.packing import pack_codes
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_BATCH, TEXT_BATCH = 32, 64

@@ -267,7 +267,7 @@ def encode(
     from rshash.features import FeatureStore
     from rshash.fileio import atomic_path
     from rshash.index.packing import pack_codes
-    from rshash.training import HashRun
+    from rshash.models.run import HashRun
 
     hash_run = HashRun.open(run)
     store = FeatureStore.open(features)
@@ -319,7 +319,7 @@ def audit(
     from rshash.data import load_dataset
     from rshash.evaluation.audit import audit_pairs, write_csv, write_html
     from rshash.features import FeatureStore
-    from rshash.training import HashRun
+    from rshash.models.run import HashRun
 
     if top <= 0:
         raise RshashError(f"--top must be positive, got {top}")
@@ -337,6 +337,10 @@ Tile = Annotated[
     typer.Option(
         help="DATA is a GeoTIFF scene or a folder of them: cut into tiles of this many px."
     ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Sharded index: Ray cluster address (default: a local Ray)."),
 ]
 Stride = Annotated[
     int | None, typer.Option(help="Scenes: px from one tile to the next (default: --tile).")
@@ -395,8 +399,21 @@ def index_build(
     stride: Stride = None,
     bands: Bands = None,
     lock_timeout: LockTimeout = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(help="Write a sharded index of this many shards (served on Ray)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --shards: encode the images on this Ray cluster's Ray Data workers"
+            " ('local': a Ray on this machine); every node must read DATA."
+        ),
+    ] = None,
 ) -> None:
-    """Encode every image (and caption) of DATA with RUN's model into a new index."""
+    """Encode every image (and caption) of DATA with RUN's model into a new index.
+
+    A killed build resumes from the batches it saved when run again with the same options."""
     from rshash.features.backends import check_backend
     from rshash.index.build import BuildConfig, build_index, read_extra_fields
 
@@ -412,8 +429,17 @@ def index_build(
         backend=backend,
         lock_timeout_s=wait,
     )
-    index = build_index(run, ds, out, cfg, features, read_extra_fields(fields, ds.image_ids))
-    _echo_index(index)
+    extra = read_extra_fields(fields, ds.image_ids)
+    if shards is None:
+        if ray_address is not None:
+            raise RshashError("--ray-address: only with --shards (a sharded index)")
+        _echo_index(build_index(run, ds, out, cfg, features, extra))
+        return
+    from rshash.index import open_index
+    from rshash.index.sharded import build_sharded
+
+    build_sharded(run, ds, out, shards, cfg, features, extra, ray_address=ray_address)
+    _echo_index(open_index(out))
 
 
 @index_app.command("add")
@@ -450,10 +476,10 @@ def index_remove(
     ids: Annotated[list[str], typer.Argument(help="Image ids (their captions go too).")],
     lock_timeout: LockTimeout = None,
 ) -> None:
-    """Remove images by id."""
-    from rshash.index import Index
+    """Remove images by id (from the shards that hold them, for a sharded index)."""
+    from rshash.index import OpenConfig, open_index
 
-    idx = Index.open(index, lock_timeout_s=_lock_timeout(lock_timeout))
+    idx = open_index(index, OpenConfig(lock_timeout_s=_lock_timeout(lock_timeout)))
     removed = idx.remove(ids)
     if removed < len(set(ids)):
         idx.close()
@@ -476,11 +502,12 @@ def _lock_timeout(seconds: float | None) -> float:
 
 
 def _has_image(index: Any, image_id: str) -> bool:
+    """Whether the image is live (asked of the records, so a sharded index needs no Ray)."""
     try:
-        index.item(image_id)
+        index.check_new_ids("images", [{"id": image_id}])
     except RshashError:
-        return False
-    return True
+        return True
+    return False
 
 
 @index_app.command("compact")
@@ -489,9 +516,9 @@ def index_compact(
     lock_timeout: LockTimeout = None,
 ) -> None:
     """Merge each collection's segments into one and drop removed items' codes."""
-    from rshash.index import Index
+    from rshash.index import OpenConfig, open_index
 
-    idx = Index.open(index, lock_timeout_s=_lock_timeout(lock_timeout))
+    idx = open_index(index, OpenConfig(lock_timeout_s=_lock_timeout(lock_timeout)))
     dropped = idx.compact()
     for name, n in dropped.items():
         typer.echo(f"{name}: dropped {n} removed codes")
@@ -507,7 +534,11 @@ def index_check(
 ) -> None:
     """Verify checksums, files, and that every code has a record and counts match."""
     from rshash.index.maintenance import inspect_index
+    from rshash.index.opening import is_sharded
 
+    if is_sharded(index):
+        _check_sharded(index, repair)
+        return
     report = inspect_index(index, repair=repair)
     for name, counts in report.collections.items():
         state = "ok, " if report.clean else ""
@@ -522,6 +553,19 @@ def index_check(
     if not report.clean:
         n = len(report.fixable) + len(report.damage)
         raise RshashError(f"{index}: {n} problem{'s' * (n > 1)} found (listed above)")
+    typer.echo(f"{index}: ok")
+
+
+def _check_sharded(index: Path, repair: bool) -> None:
+    """`index check` of a sharded index: every shard checked, counts as `shards.json` names
+    them; --repair rolls back what a killed change left in shards past it."""
+    from rshash.index.cluster import ShardWriter, check_cluster
+
+    if repair:
+        ShardWriter(index).repair()
+        typer.echo("repaired: shards brought back to the generations shards.json names")
+    for name, counts in check_cluster(index).items():
+        typer.echo(f"{name}: ok, " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     typer.echo(f"{index}: ok")
 
 
@@ -541,10 +585,10 @@ def index_upgrade(
 
 @index_app.command("info")
 def index_info(index: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
-    """Model, engine, collections and build reports of an index."""
-    from rshash.index import Index
+    """Model, engine, collections and build reports of an index (local or sharded)."""
+    from rshash.index import open_index
 
-    _echo_index(Index.open(index))
+    _echo_index(open_index(index))
 
 
 def _echo_index(index: Any) -> None:
@@ -597,10 +641,11 @@ def search(
         str,
         typer.Option("--format", help="table, json, or geojson (a FeatureCollection for QGIS)."),
     ] = "table",
+    ray_address: RayAddress = None,
 ) -> None:
     """Nearest images (or captions) to a text or an image query, by Hamming distance."""
     from rshash.features.backends import check_backend
-    from rshash.index import Index
+    from rshash.index import OpenConfig, Searcher, open_index
 
     if (text is None) == (image is None):
         raise RshashError("give either a text query or --image FILE")
@@ -609,7 +654,8 @@ def search(
     if radius is None and k <= 0:
         raise RshashError(f"-k: expected a positive number of results, got {k}")
     box = _bbox(bbox) if bbox is not None else None
-    idx = Index.open(index, device=device, backend=check_backend(backend))
+    opening = OpenConfig(device=device, backend=check_backend(backend), ray_address=ray_address)
+    idx = Searcher(open_index(index, opening))
     if image is not None:
         hits = idx.search_image(image, k, target, radius, where=where, bbox=box)
     else:
@@ -654,9 +700,10 @@ def serve(
     shard_timeout: Annotated[
         float, typer.Option(help="Sharded index: longest wait for a shard's answer (s).")
     ] = 10.0,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Sharded index: Ray cluster address (default: local Ray).")
-    ] = None,
+    ray_address: RayAddress = None,
+    replicas: Annotated[
+        int, typer.Option(help="Sharded index: actors per shard, each on its own Ray node.")
+    ] = 1,
     torch_threads: Annotated[
         int | None, typer.Option(help="Encoder threads (default: one per core).")
     ] = None,
@@ -679,6 +726,7 @@ def serve(
         )
     positive: dict[str, int | None] = {"--max-batch": max_batch, "--max-queue": max_queue}
     positive["--torch-threads"] = torch_threads
+    positive["--replicas"] = replicas
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise RshashError(f"{flag}: expected a positive number, got {value}")
@@ -699,6 +747,7 @@ def serve(
         refresh_interval_s=refresh_interval,
         shard_timeout_s=shard_timeout,
         ray_address=ray_address,
+        replicas=replicas,
         torch_threads=torch_threads,
         backend=backend,
         query_cache=query_cache,

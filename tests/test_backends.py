@@ -22,9 +22,9 @@ from rshash.features.views import ImageViewConfig, plain_view
 from rshash.index import Index
 from rshash.index.build import BuildConfig, build_index
 from rshash.index.encoder import CodeEncoder
+from rshash.models.run import HashRun
 from rshash.service import ServiceConfig
 from rshash.service.query_cache import QueryCache
-from rshash.training.run import HashRun
 from tests.conftest import UCM, rshash_cli
 from tests.service_server import running_service
 

@@ -17,7 +17,7 @@ from rshash.data.images import load_rgb
 from rshash.errors import DataError
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path, write_text_atomic
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 
 @dataclass(frozen=True)

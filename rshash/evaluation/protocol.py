@@ -9,7 +9,7 @@ import numpy as np
 from rshash.data.splits import Split
 from rshash.evaluation.metrics import RetrievalScores, score_retrieval
 from rshash.features.store import FeatureStore
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 DIRECTIONS = {
     "i2t": ("image", "text"),

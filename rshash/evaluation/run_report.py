@@ -16,7 +16,7 @@ from rshash.evaluation.protocol import evaluate_run
 from rshash.evaluation.report import markdown_report
 from rshash.features.store import FeatureStore
 from rshash.fileio import write_json_atomic, write_text_atomic
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 
 def evaluate_and_report(run_path: str | Path, features: str | Path | None = None) -> dict[str, Any]:

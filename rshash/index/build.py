@@ -32,12 +32,13 @@ from rshash.errors import RshashError
 from rshash.features.backends import AUTO, check_encoded_with
 from rshash.features.store import FeatureStore
 from rshash.fileio import atomic_path
+from rshash.index.base import CodeIndex
 from rshash.index.encoder import CodeEncoder
 from rshash.index.engines import make_engine
 from rshash.index.index import Index, model_fingerprint
 from rshash.index.packing import pack_codes
 from rshash.index.store import LOCK_TIMEOUT_S, MANIFEST
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 T = TypeVar("T")
 JOB_LOCK = "job.lock"  # held by the process encoding into a job folder
@@ -272,7 +273,7 @@ def _encode_images(
 
 
 def ingest_archive(
-    index: Index,
+    index: CodeIndex,
     ds: ImageSource,
     work: Path,
     cfg: BuildConfig,
@@ -308,7 +309,7 @@ def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder)
 
 
 def _commit_archive(
-    index: Index,
+    index: CodeIndex,
     ds: ImageSource,
     work: Path,
     cfg: BuildConfig,
@@ -369,17 +370,18 @@ def add_to_index(
     features: str | Path | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
-) -> tuple[Index, int]:
+) -> tuple[CodeIndex, int]:
     """Encode `ds` with the index's own model and add it; returns the index and images added.
 
     As in `build_index`, only writing the encoded batches and the commit hold the lock.
     """
     cfg = cfg or BuildConfig()
     check_extra_fields(extra or {})
-    index = Index.open(
-        index_path, device=cfg.device, lock_timeout_s=cfg.lock_timeout_s, backend=cfg.backend
-    )
-    index._check_new_ids("images", [{"id": i} for i in ds.image_ids])  # fail before encoding
+    from rshash.index.opening import OpenConfig, open_index
+
+    opening = OpenConfig(device=cfg.device, backend=cfg.backend, lock_timeout_s=cfg.lock_timeout_s)
+    index = open_index(index_path, opening)  # local or sharded
+    index.check_new_ids("images", [{"id": i} for i in ds.image_ids])  # fail before encoding
     store = _matching_store(features, ds, index.encoder) if features else None
     key = _job_key(ds, cfg, index.encoder, store is not None)
     work_root = Path(index_path).with_name(Path(index_path).name + ".partial")

@@ -24,8 +24,8 @@ from rshash.features.encoders import (
 )
 from rshash.features.views import ImageViewConfig, plain_view
 from rshash.index.packing import pack_codes
+from rshash.models.run import HashRun
 from rshash.reproducibility import resolve_device
-from rshash.training.run import HashRun
 
 
 class CodeEncoder:

@@ -28,7 +28,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,13 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from rshash.errors import RshashError
 from rshash.features.backends import AUTO, check_encoded_with, resolve_backend
 from rshash.fileio import fsync_dir, fsync_file, write_bytes_durable, write_json_atomic
 from rshash.index import integrity, store
-from rshash.index.encoder import CodeEncoder, decode_image
+from rshash.index.base import (
+    Allowed,
+    Hit,
+    Queries,
+    StaleFilter,
+    check_query,
+)
+from rshash.index.encoder import CodeEncoder
 from rshash.index.engines import Engine, Hits, make_engine
 from rshash.index.filters import check_bbox, compile_bbox, compile_where
 from rshash.index.packing import code_bytes, pad_packed
@@ -56,10 +61,9 @@ from rshash.index.store import (
     live_sql,
 )
 from rshash.models.model_file import MODEL, MODEL_FILES, model_fingerprint
+from rshash.models.run import HashRun
 from rshash.reproducibility import provenance, resolve_device
-from rshash.training.run import HashRun
 
-MAX_K = 10_000
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
@@ -69,22 +73,6 @@ RECORD_CACHE = 65_536
 FILTER_SECONDS = 10.0  # longest a filter's SQL query may run before it is an error
 PROGRESS_STEPS = 1_000_000  # SQLite steps between looks at the clock (each takes the GIL)
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: the item's record and its Hamming distance to the query."""
-
-    key: int
-    distance: int
-    item: dict[str, Any]
-
-    @property
-    def id(self) -> str:
-        return str(self.item["id"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"distance": self.distance, **self.item}
 
 
 class Collection:
@@ -132,86 +120,6 @@ class _Pending:
     fields: dict[str, set[str]] = field(default_factory=dict)  # record fields added, per collection
 
 
-@dataclass(frozen=True)
-class Allowed:
-    """A filter resolved at one generation: the sorted keys of a collection's matching items."""
-
-    collection: str
-    generation: int
-    keys: np.ndarray
-
-
-class StaleFilter(RshashError):
-    """The index moved to another generation after the filter was resolved: resolve it again."""
-
-
-class Searcher(ABC):
-    """Text and image queries on top of `search_codes`; shared by single and sharded indexes."""
-
-    encoder: CodeEncoder
-
-    @abstractmethod
-    def search_codes(
-        self,
-        codes: np.ndarray,
-        k: int = 20,
-        collection: str = "images",
-        radius: int | None = None,
-        *,
-        where: str | None = None,
-        bbox: tuple[float, float, float, float] | None = None,
-        allowed: Allowed | None = None,
-    ) -> list[list[Hit]]:
-        """Nearest items to each packed query code: top-k, or all within `radius` if given.
-
-        `where` (see `filters`) and `bbox` (minlon, minlat, maxlon, maxlat) restrict the
-        candidates; the result is still exact among the matching items. `allowed` (from
-        `resolve_filter`) restricts them to a filter resolved beforehand instead.
-        """
-
-    @abstractmethod
-    def resolve_filter(
-        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
-    ) -> Allowed | None:
-        """Check a filter and find its matching items ahead of the search (the service runs
-        this in a worker thread, never in its batch thread); None: the search applies it."""
-
-    def search_text(
-        self,
-        query: str,
-        k: int = 20,
-        collection: str = "images",
-        radius: int | None = None,
-        *,
-        where: str | None = None,
-        bbox: tuple[float, float, float, float] | None = None,
-    ) -> list[Hit]:
-        if not query.strip():
-            raise RshashError("empty text query")
-        codes = self.encoder.encode_texts([query])
-        return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
-
-    def search_image(
-        self,
-        image: str | Path | bytes | Image.Image,
-        k: int = 20,
-        collection: str = "images",
-        radius: int | None = None,
-        *,
-        where: str | None = None,
-        bbox: tuple[float, float, float, float] | None = None,
-    ) -> list[Hit]:
-        if isinstance(image, str | Path):
-            path = Path(image)
-            if not path.is_file():
-                raise RshashError(f"{path}: query image not found")
-            image = decode_image(path.read_bytes(), str(path))
-        elif isinstance(image, bytes):
-            image = decode_image(image)
-        codes = self.encoder.encode_images([image])
-        return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
-
-
 def record_fields(db: sqlite3.Connection, collection: str) -> frozenset[str]:
     """The top-level fields of every record of `collection` in `db` (captions apart)."""
     rows = db.execute(
@@ -232,15 +140,7 @@ def _copy_record(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v.copy() if isinstance(v, list | dict) else v for k, v in record.items()}
 
 
-def check_query(k: int, radius: int | None, bits: int) -> None:
-    """k in 1..MAX_K, or a radius in 0..bits (a code is never farther than its length)."""
-    if radius is not None and not 0 <= radius <= bits:
-        raise RshashError(f"radius: expected 0 to {bits} (the code length), got {radius}")
-    if radius is None and not 1 <= k <= MAX_K:
-        raise RshashError(f"k must be between 1 and {MAX_K}, got {k}")
-
-
-class Index(Searcher):
+class Index(Queries):
     """A searchable archive. `Index.open(path).search_text("a river", k=20)`."""
 
     def __init__(
@@ -267,6 +167,10 @@ class Index(Searcher):
         self._fields: dict[tuple[int, str], frozenset[str]] = {}
         # Fields other shards of a sharded index hold: valid here too, matching nothing.
         self.shared_fields: dict[str, frozenset[str]] = {}
+        # A shard written by a sharded index: compaction only when the cluster asks for it, and
+        # the files of the generation the cluster manifest names stay until it names another.
+        self.auto_compact = True
+        self.keep_files_of: dict[str, Any] | None = None
 
     # --- what readers see -----------------------------------------------------------------
 
@@ -522,6 +426,8 @@ class Index(Searcher):
         """
         keep = {s["file"] for info in manifest["collections"].values() for s in info["segments"]}
         keep |= {info["state"] for info in manifest["collections"].values() if info.get("state")}
+        if self.keep_files_of is not None:
+            keep |= store.files_named(self.keep_files_of)
         for f in [*self.path.glob("seg-*"), *self.path.glob("engine-*")]:
             if f.name not in keep:
                 f.unlink(missing_ok=True)
@@ -602,6 +508,10 @@ class Index(Searcher):
         pending = self._begin()
         pending.next_key[collection] = max(pending.next_key[collection], next_key)
         pending.reserved = True
+
+    def check_new_ids(self, collection: str, items: list[dict[str, Any]]) -> None:
+        """RshashError if an item's id is given twice or is live in the index already."""
+        self._check_new_ids(collection, items)
 
     def _check_new_ids(self, collection: str, items: list[dict[str, Any]]) -> None:
         ids = [str(it["id"]) for it in items]
@@ -720,7 +630,7 @@ class Index(Searcher):
         self._pending = None
         self._sweep(manifest)
         self._lock.release()
-        if self._needs_compaction():
+        if self.auto_compact and self._needs_compaction():
             self.compact()
 
     def _fields_after(self, pending: _Pending) -> dict[str, list[str]]:
@@ -1025,3 +935,28 @@ class Index(Searcher):
 
     def __len__(self) -> int:
         return len(self.collections["images"]) if "images" in self.collections else 0
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(col) for name, col in self.collections.items()}
+
+    def sources(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("sources", []))
+
+    def check(self) -> dict[str, dict[str, int]]:
+        from rshash.index.maintenance import check_index
+
+        return check_index(self.path)
+
+    def health(self) -> dict[str, Any]:
+        """Nothing beyond the counts: a local index is up when the service is."""
+        return {}
+
+    def recover(self) -> None:
+        """Undo now what a dead writer left past the manifest (rows, files), as the next change
+        would; a sharded index's writer calls it on a shard it rolled back."""
+        pending = self._begin()
+        if pending.segments or pending.removed:
+            raise RshashError(f"{self.path}: commit pending changes before recovering")
+        self._pending = None
+        self._db().execute("COMMIT")
+        self._lock.release()

@@ -23,7 +23,7 @@ from rshash.errors import RshashError
 from rshash.index import store
 from rshash.index.packing import code_bytes
 from rshash.index.store import COLLECTIONS, DAMAGED, KEY_MASK, RECORDS, segment_dtype
-from rshash.training.run import HashRun
+from rshash.models.run import HashRun
 
 REPAIR = "run `rshash index check --repair`"
 MODEL_DIR = "model"

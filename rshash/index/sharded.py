@@ -3,15 +3,25 @@
 `ray_build_shards` encodes any image source (a `Dataset`, the `SceneTiles` of many scenes) with
 Ray Data (`map_batches` with one model per worker, on CPU or GPU workers; each worker reads its
 own images or tile windows) and writes S index shards with global keys. `ShardedIndex` holds each
-shard in a Ray actor, scatters a query to all of them and merges their top-k by (distance, key),
-which is exactly the answer of one index over the union. Both run against a local Ray
-(`ray.init()`) or a cluster (`address="ray://head:10001"`).
+shard in R replica actors (on R different nodes), scatters a query to one replica of every shard
+and merges their top-k by (distance, key), which is exactly the answer of one index over the
+union. It is a `CodeIndex` like `Index`: changes go through `cluster.ShardWriter` (each shard
+committed, then `shards.json` flipped) and `refresh()` moves the replicas to a new cluster
+generation. Both run against a local Ray (`ray.init()`) or a cluster
+(`address="ray://head:10001"`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +31,51 @@ from tqdm import tqdm
 from rshash.data.source import ImageSource
 from rshash.errors import RshashError
 from rshash.features.backends import AUTO, check_backend, check_encoded_with, resolve_backend
-from rshash.fileio import write_json_atomic
-from rshash.index.build import caption_records, image_records, source_entry
-from rshash.index.encoder import CodeEncoder
-from rshash.index.filters import check_bbox, compile_where
-from rshash.index.index import (
-    Allowed,
-    Hit,
-    Index,
-    Searcher,
-    check_query,
-    encoded_with,
-    record_fields,
+from rshash.index.base import Allowed, BBox, Hit, Queries, check_query, filter_args
+from rshash.index.build import (
+    BuildConfig,
+    _batch,
+    _job_dir,
+    _job_key,
+    _matching_store,
+    _saved,
+    caption_records,
+    check_extra_fields,
+    encode_archive,
+    image_record,
+    image_records,
+    source_entry,
 )
+from rshash.index.cluster import (
+    SHARDS,
+    ShardWriter,
+    check_cluster,
+    count_of,
+    read_cluster,
+    snapshot,
+    write_cluster,
+)
+from rshash.index.encoder import CodeEncoder
+from rshash.index.engines import make_engine
+from rshash.index.filters import check_bbox, compile_where
+from rshash.index.index import Index, encoded_with, record_fields
 from rshash.index.packing import empty_codes
-from rshash.index.store import COLLECTIONS, LOCK, connect
+from rshash.index.store import COLLECTIONS, LOCK_TIMEOUT_S, connect, read_manifest
+from rshash.models.run import HashRun
 from rshash.reproducibility import resolve_device
-from rshash.training.run import HashRun
 
-SHARDS = "shards.json"
 START_TIMEOUT = 300.0  # seconds for every shard actor to come up
+HEALTH_TIMEOUT = 1.0  # seconds a replica has to answer a health ping
+KEEP_GENERATIONS = 2  # shard generations a replica holds: the current and the one before
+
+__all__ = [
+    "SHARDS",
+    "ShardUnavailable",
+    "ShardedIndex",
+    "build_sharded",
+    "ray_build_shards",
+    "ray_encode_images",
+]
 
 
 def _ray(address: str | None) -> Any:
@@ -139,58 +174,203 @@ def ray_build_shards(
             shard.add("captions", caption_codes[a:b], captions[a:b], first_key=a)
         shard.commit(source_entry(ds, rows=[lo, hi]))
         paths.append(shard.path)
-    write_json_atomic(
-        out / SHARDS,
-        {"format": "rshash-shards/1", "shards": [p.name for p in paths], "images": len(ds)},
-    )
+    names = [p.name for p in paths]
+    write_cluster(out, names, {n: read_manifest(out / n) for n in names}, generation=0)
     return paths
 
 
+def build_sharded(
+    run_dir: str | Path,
+    ds: ImageSource,
+    out: str | Path,
+    shards: int,
+    cfg: BuildConfig | None = None,
+    features: str | Path | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
+    ray_workers: int = 2,
+) -> Path:
+    """The local build's streaming, resumable encoding (`build.encode_archive`, `--fields`,
+    scene tiles), written into `shards` index shards with global keys and a `shards.json`.
+
+    With `ray_address`, the images are encoded by `ray_workers` Ray Data workers (each node
+    reads its images: shared storage), batch by batch into the same saved batches, so a killed
+    build resumes from the batches saved, with or without Ray. Writing the shards (fast) is
+    redone from the saved batches when a build died in it: nothing is published before
+    `shards.json`.
+    """
+    cfg = cfg or BuildConfig()
+    check_extra_fields(extra or {})
+    out = Path(out)
+    if not 1 <= shards <= MAX_SHARDS:
+        raise RshashError(f"--shards: expected 1 to {MAX_SHARDS}, got {shards}")
+    if (out / SHARDS).exists() or (out / "index.json").exists():
+        raise RshashError(f"{out}: an index already exists here (use `rshash index add`)")
+    run = HashRun.open(run_dir)
+    make_engine(cfg.engine, run.bits, cfg.engine_params)  # a bad engine fails before encoding
+    encoder = CodeEncoder(run, cfg.device, cfg.backend)
+    store = _matching_store(features, ds, encoder) if features else None
+    key = _job_key(ds, cfg, encoder, store is not None)
+    with _job_dir(out.with_name(out.name + ".partial"), key) as work:
+        if ray_address is not None and store is None:
+            _ray_encode_batches(run_dir, ds, work, cfg, encoder.backend, ray_address, ray_workers)
+        encode_archive(encoder, ds, work, cfg, store, progress)  # captions, images left
+        _write_shards(run_dir, ds, work, out, shards, cfg, extra, encoder.backend)
+    return out
+
+
+MAX_SHARDS = 1024
+
+
+def _ray_encode_batches(
+    run_dir: str | Path,
+    ds: ImageSource,
+    work: Path,
+    cfg: BuildConfig,
+    backend: str,
+    address: str,
+    workers: int,
+) -> None:
+    """Encode the image batches not saved yet on Ray Data; each saved once all its rows came."""
+    ray = _ray(address)
+    ranges = [
+        (b, lo, min(lo + cfg.image_batch, len(ds)))
+        for b, lo in enumerate(range(0, len(ds), cfg.image_batch))
+    ]
+    todo = [(b, lo, hi) for b, lo, hi in ranges if not (work / f"images-{b:06d}.npy").exists()]
+    if not todo:
+        return
+    rows = [{"row": i} for _, lo, hi in todo for i in range(lo, hi)]
+    encoded = ray.data.from_items(
+        rows, override_num_blocks=max(1, min(len(rows), workers * 4))
+    ).map_batches(
+        EncodeImages,
+        fn_constructor_args=(str(run_dir), cfg.device, ds, backend),
+        batch_size=cfg.image_batch,
+        batch_format="numpy",
+        concurrency=workers,
+    )
+    codes = empty_codes(len(ds), HashRun.open(run_dir).bits)
+    left = {b: hi - lo for b, lo, hi in todo}
+    batch_of = {i: b for b, lo, hi in todo for i in range(lo, hi)}
+    bounds = {b: (lo, hi) for b, lo, hi in todo}
+    for part in encoded.iter_batches(batch_format="numpy", batch_size=None):
+        codes[part["row"]] = part["codes"]
+        for i in part["row"].tolist():
+            b = batch_of[i]
+            left[b] -= 1
+            if not left[b]:
+                lo, hi = bounds[b]
+                _saved(work, "images", b, partial(np.array, codes[lo:hi]))
+
+
+def _write_shards(
+    run_dir: str | Path,
+    ds: ImageSource,
+    work: Path,
+    out: Path,
+    shards: int,
+    cfg: BuildConfig,
+    extra: dict[str, dict[str, Any]] | None,
+    backend: str,
+) -> None:
+    """Shards s = 0..S-1 of the saved batches: images [s·n/S, (s+1)·n/S) with their captions,
+    keys global; then `shards.json` (what a build killed here left is redone)."""
+    for stale in out.glob("shard-*"):
+        shutil.rmtree(stale)
+    n = len(ds)
+    cap_start = np.concatenate([[0], np.cumsum([len(c) for c in ds.captions])]).astype(int)
+    image_codes = _concat(work, "images", len(range(0, n, cfg.image_batch)))
+    n_caps = int(cap_start[-1])
+    caption_codes = _concat(work, "captions", len(range(0, n_caps, cfg.text_batch)))
+    captions = caption_records(ds)
+    names = []
+    for s in range(shards):
+        lo, hi = s * n // shards, (s + 1) * n // shards
+        shard = Index.create(
+            out / f"shard-{s:03d}",
+            run_dir,
+            cfg.engine,
+            cfg.engine_params,
+            cfg.device,
+            cfg.lock_timeout_s,
+            backend,
+        )
+        for start in range(lo, hi, cfg.image_batch):
+            stop = min(start + cfg.image_batch, hi)
+            records = [image_record(ds, i, extra) for i in range(start, stop)]
+            shard.add("images", image_codes[start:stop], records, first_key=start)
+        a, b = int(cap_start[lo]), int(cap_start[hi])
+        for start in range(a, b, cfg.text_batch):
+            stop = min(start + cfg.text_batch, b)
+            shard.add("captions", caption_codes[start:stop], captions[start:stop], first_key=start)
+        shard.commit(source_entry(ds, rows=[lo, hi], images=hi - lo, backend=backend))
+        names.append(shard.path.name)
+    write_cluster(out, names, {n: read_manifest(out / n) for n in names}, generation=0)
+
+
+def _concat(work: Path, prefix: str, batches: int) -> np.ndarray:
+    parts = [_batch(work, prefix, b) for b in range(batches)]
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.uint8)
+
+
 class ShardUnavailable(RshashError):
-    """A shard did not answer in time or its actor is gone (the service answers 503)."""
+    """No replica of a shard answered in time (the service answers 503 naming it)."""
+
+
+class ShardBehind(RshashError):
+    """A replica (restarted, say) does not hold the shard generation asked for."""
 
 
 def shard_files(path: Path) -> dict[str, bytes]:
-    """Every file of a shard directory (index files and model copy), by relative path.
-
-    SQLite's shared-memory index (`-shm`) and the writers' lock belong to the machine that made
-    them; the actor's SQLite rebuilds the former from the WAL.
-    """
-    return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-        and "thumbnails" not in p.relative_to(path).parts
-        and not p.name.endswith("-shm")
-        and p.name != LOCK
-    }
+    """The files of a shard directory at the generation `shards.json` names (see `snapshot`)."""
+    cluster = read_cluster(path.parent)
+    return snapshot(path, cluster["committed"][path.name])
 
 
 class _Shard:
-    """Ray actor body: one index shard in memory, answering searches by packed code.
+    """Ray actor body: one shard, at the last few generations it was given, answering searches.
 
     The shard's files come through Ray's object store, so the actor runs (and restarts) on any
-    node: it writes them to a private temporary folder that lives as long as the actor (the
-    index reads its records from SQLite there).
+    node: it writes each generation to a private temporary folder that lives as long as it is
+    held (the index reads its records from SQLite there). Every call names the generation it
+    is for, so the shards of one query answer from one cluster generation.
     """
 
     def __init__(
-        self, name: str, contents: dict[str, bytes], fields: dict[str, frozenset[str]]
+        self, name: str, generation: int, contents: Any, fields: dict[str, frozenset[str]]
     ) -> None:
         self.name = name
-        self._folder = tempfile.TemporaryDirectory(prefix=f"rshash-{name}-")
-        tmp = self._folder.name
+        self._held: dict[int, tuple[tempfile.TemporaryDirectory[str], Index]] = {}
+        self.load(generation, contents, fields)
+
+    def load(self, generation: int, contents: Any, fields: dict[str, frozenset[str]]) -> None:
+        """Hold `generation` of the shard, from its files; drop all but the newest two."""
+        if generation in self._held:
+            return
+        folder = tempfile.TemporaryDirectory(prefix=f"rshash-{self.name}-{generation}-")
         for rel, data in contents.items():
-            target = Path(tmp) / rel
+            target = Path(folder.name) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        built = encoded_with(json.loads((Path(tmp) / "index.json").read_text()))
-        self.index = Index.open(tmp, device="cpu", backend=built)  # searches codes only
-        self.index.shared_fields = fields  # a field of another shard matches nothing here
-        probe = empty_codes(1, self.index.bits)
-        for name, col in self.index.collections.items():  # compile the search kernels now
+        built = encoded_with(json.loads((Path(folder.name) / "index.json").read_text()))
+        index = Index.open(folder.name, device="cpu", backend=built)  # searches codes only
+        index.shared_fields = fields  # a field of another shard matches nothing here
+        probe = empty_codes(1, index.bits)
+        for name, col in index.collections.items():  # compile the search kernels now
             if len(col):
-                self.index.search_codes(probe, 1, name)
+                index.search_codes(probe, min(2, len(col)), name)  # top-k of k > 1
+                index.search_codes(probe, 1, name, radius=0)
+        self._held[generation] = (folder, index)
+        for old in sorted(self._held)[:-KEEP_GENERATIONS]:
+            self._held.pop(old)[0].cleanup()
+
+    def _at(self, generation: int) -> Index:
+        held = self._held.get(generation)
+        if held is None:
+            raise ShardBehind(f"{self.name}: generation {generation} not loaded here")
+        return held[1]
 
     def ping(self) -> tuple[str, str]:
         """The shard's name and the id of the Ray node it runs on."""
@@ -200,37 +380,82 @@ class _Shard:
 
     def search(
         self,
+        generation: int,
         codes: np.ndarray,
         k: int,
         collection: str,
         radius: int | None,
         filters: dict[str, Any],
     ) -> list[list[tuple[int, int, dict[str, Any]]]]:
-        if collection not in self.index.collections:
+        index = self._at(generation)
+        if collection not in index.collections:
             return [[] for _ in codes]
-        found = self.index.search_codes(codes, k, collection, radius, **filters)
+        found = index.search_codes(codes, k, collection, radius, **filters)
         return [[(h.key, h.distance, h.item) for h in hits] for hits in found]
 
-    def prepare(self, collection: str, filters: dict[str, Any]) -> None:
+    def prepare(self, generation: int, collection: str, filters: dict[str, Any]) -> None:
         """Resolve a filter into the shard's cache of matching keys, ahead of its searches."""
-        if collection in self.index.collections:
-            self.index.matching_keys(collection, **filters)
+        index = self._at(generation)
+        if collection in index.collections:
+            index.matching_keys(collection, **filters)
 
-    def item(self, item_id: str, collection: str) -> dict[str, Any] | None:
+    def item(self, generation: int, item_id: str, collection: str) -> dict[str, Any] | None:
         try:
-            return self.index.item(item_id, collection)
+            return self._at(generation).item(item_id, collection)
+        except ShardBehind:
+            raise
         except RshashError:
             return None
 
+    def items(self, generation: int, collection: str) -> list[tuple[int, dict[str, Any]]]:
+        """(key, record) of every live item, in key order."""
+        index = self._at(generation)
+        if collection not in index.collections:
+            return []
+        keys = index.collections[collection].keys.tolist()
+        return list(zip(keys, index.items(collection), strict=True))
 
-class ShardedIndex(Searcher):
-    """Scatter-gather search over index shards held by Ray actors.
 
-    Each shard's files are read here once and shipped through Ray's object store (no node needs
-    the driver's path). Actors restart when they or their node die (`max_restarts`), and calls
-    in flight are retried on the restarted actor (`max_task_retries`); a shard that does not
-    answer within `timeout` seconds fails the query with `ShardUnavailable` naming it, instead
-    of hanging. A sharded index is rebuilt, not updated: its generation stays 0.
+class _Loading(threading.Thread):
+    """A refresh in progress: the replicas loading a new cluster generation's shards."""
+
+    def __init__(self, index: ShardedIndex, view: _View) -> None:
+        super().__init__(name="rshash-shard-refresh", daemon=True)
+        self.index, self.view = index, view
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.index._load(self.view)
+        except Exception as exc:  # handed to the next refresh() call
+            self.error = exc
+
+
+@dataclass(frozen=True)
+class _View:
+    """One cluster generation as the queries see it: each shard's generation and manifest."""
+
+    generation: int
+    names: list[str]
+    committed: dict[str, dict[str, Any]]
+    fields: dict[str, frozenset[str]]
+
+    def shard_generation(self, name: str) -> int:
+        return int(self.committed[name]["generation"])
+
+
+class ShardedIndex(Queries):
+    """Scatter-gather search over index shards, each held by `replicas` Ray actors.
+
+    Each shard's files are read here and shipped through Ray's object store (no node needs the
+    driver's path). Replicas of a shard run on different nodes (a STRICT_SPREAD placement
+    group); a query goes to the next replica of each shard in turn, and to another replica when
+    one fails or has not answered within `timeout` / (replicas + 1) seconds, so a lost node
+    costs no query while another replica lives. With one replica, actors restart when they or
+    their node die, calls in flight are retried on the restarted actor, and a shard that does
+    not answer within `timeout` seconds fails the query with `ShardUnavailable` naming it.
+    Actors start at the first search, so opening one to change it (`add`, `remove`, `compact`:
+    see `cluster.ShardWriter`, run where the shard directories are) needs no Ray.
     """
 
     def __init__(
@@ -240,49 +465,61 @@ class ShardedIndex(Searcher):
         timeout: float = 30.0,
         shard_cpus: float = 0.5,
         backend: str = AUTO,
+        device: str = "auto",
+        replicas: int = 1,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
     ) -> None:
         path = Path(path)
-        manifest_path = path / SHARDS
-        if not manifest_path.is_file():
-            raise RshashError(f"{path}: not a sharded index (no {SHARDS})")
-        self.names: list[str] = json.loads(manifest_path.read_text())["shards"]
-        self.manifests = [json.loads((path / n / "index.json").read_text()) for n in self.names]
-        prints = [m["model"]["fingerprint"] for m in self.manifests]
-        if len(set(prints)) != 1:
-            bad = self.names[next(i for i, p in enumerate(prints) if p != prints[0])]
-            first = self.names[0]
-            raise RshashError(f"{path / bad}: shard was built with another model than {first}")
-        ray = _ray(address)
-        actor = ray.remote(_Shard).options(
-            num_cpus=shard_cpus,
-            max_restarts=-1,
-            max_task_retries=-1,
-            scheduling_strategy="SPREAD",
-        )
+        if replicas < 1:
+            raise RshashError(f"--replicas: expected at least 1, got {replicas}")
+        cluster = read_cluster(path)
         self.path = path
+        self.address = address
         self.timeout = timeout
-        self.manifest = self.manifests[0]
-        self.fields = {c: self._union_fields(c) for c in COLLECTIONS}
-        self._contents = [ray.put(shard_files(path / name)) for name in self.names]
-        self.actors = [
-            actor.remote(name, contents, self.fields)
-            for name, contents in zip(self.names, self._contents, strict=True)
-        ]
-        self._ray = ray
-        # Starting a shard (a worker process, imports, loading) can take far longer than a search.
-        pings = [a.ping.remote() for a in self.actors]
-        started = self._gather(pings, "start", timeout=max(self.timeout, START_TIMEOUT))
-        self.nodes: dict[str, str] = dict(started)
-        self.encoder = CodeEncoder(HashRun.open(path / self.names[0] / "model"), backend=backend)
-        for name, manifest in zip(self.names, self.manifests, strict=True):
+        self.shard_cpus = shard_cpus
+        self.replicas = replicas
+        self.lock_timeout_s = lock_timeout_s
+        prints = [cluster["committed"][n]["model"]["fingerprint"] for n in cluster["shards"]]
+        if len(set(prints)) != 1:
+            bad = cluster["shards"][next(i for i, p in enumerate(prints) if p != prints[0])]
+            first = cluster["shards"][0]
+            raise RshashError(f"{path / bad}: shard was built with another model than {first}")
+        self._view = self._view_of(cluster)
+        first = self._view.names[0]
+        self.encoder = CodeEncoder(HashRun.open(path / first / "model"), device, backend)
+        for name in self._view.names:
+            manifest = self._view.committed[name]
             check_encoded_with(encoded_with(manifest), str(path / name))
+        self._actors: dict[str, list[Any]] = {}
+        # The shards' files in Ray's object store, held here: each shard's current generation,
+        # and the one its replicas were created with (Ray rebuilds a restarted actor from it).
+        self._contents: dict[str, tuple[int, Any]] = {}
+        self._first_contents: dict[str, Any] = {}
+        self._turn = itertools.count()
+        self._start_lock = threading.Lock()
+        self._writer: ShardWriter | None = None
+        self._refresh_lock = threading.Lock()
+        self._loading: _Loading | None = None
+        self._ray: Any = None
+        self.nodes: dict[str, list[str]] = {}
         self.last_degraded: list[str] = []
 
-    def _union_fields(self, collection: str) -> frozenset[str]:
+    # --- what readers see -----------------------------------------------------------------
+
+    def _view_of(self, cluster: dict[str, Any]) -> _View:
+        names = list(cluster["shards"])
+        committed = dict(cluster["committed"])
+        fields = {c: self._union_fields(names, committed, c) for c in COLLECTIONS}
+        return _View(int(cluster["generation"]), names, committed, fields)
+
+    def _union_fields(
+        self, names: list[str], committed: dict[str, Any], collection: str
+    ) -> frozenset[str]:
         """The record fields of `collection` in any shard: from its manifest, or for a shard
         written before manifests listed them, from its records."""
         known: set[str] = set()
-        for name, manifest in zip(self.names, self.manifests, strict=True):
+        for name in names:
+            manifest = committed[name]
             if collection not in manifest["collections"]:
                 continue
             if "fields" in manifest:
@@ -295,83 +532,297 @@ class ShardedIndex(Searcher):
                 db.close()
         return frozenset(known)
 
-    def _filters(
-        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
-    ) -> dict[str, Any]:
-        """The filter as the shards take it, checked first against the fields of every shard
-        (one answer for the union: a shard that lacks a field just matches nothing)."""
-        filters: dict[str, Any] = {}
-        if where is not None:
-            compile_where(where, self.fields.get(collection, frozenset()))
-            filters["where"] = where
-        if bbox is not None:
-            filters["bbox"] = check_bbox(bbox)
-        return filters
+    @property
+    def names(self) -> list[str]:
+        return list(self._view.names)
 
-    def resolve_filter(
-        self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
-    ) -> None:
-        """Check the filter, and have every shard resolve it into its cache ahead of the search
-        (the keys stay in the shards: the search applies the filter there)."""
-        filters = self._filters(collection, where, bbox)
-        if filters:
-            self._gather([a.prepare.remote(collection, filters) for a in self.actors], "filter")
+    @property
+    def fields(self) -> dict[str, frozenset[str]]:
+        """Per collection, the record fields of any shard (what a `where` filter may name)."""
+        return dict(self._view.fields)
+
+    @property
+    def manifests(self) -> list[dict[str, Any]]:
+        return [self._view.committed[n] for n in self._view.names]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The archive's manifest: format, bits, engine and model of the shards, the cluster
+        generation, per collection the sums over the shards (segments listed together)."""
+        collections: dict[str, dict[str, Any]] = {}
+        for m in self.manifests:
+            for name, info in m["collections"].items():
+                into = collections.setdefault(
+                    name,
+                    {"count": 0, "tombstones": 0, "segments": [], "report": info.get("report", {})},
+                )
+                into["count"] += int(info["count"])
+                into["tombstones"] += int(info["tombstones"])
+                into["segments"] = [*into["segments"], *info["segments"]]
+        return {
+            **self.manifests[0],
+            "generation": self._view.generation,
+            "collections": collections,
+        }
 
     @property
     def bits(self) -> int:
-        return int(self.manifest["bits"])
+        return int(self.manifests[0]["bits"])
 
     @property
     def generation(self) -> int:
-        return 0
-
-    def refresh(self) -> bool:
-        return False
+        return self._view.generation
 
     def counts(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for m in self.manifests:
-            for name, info in m["collections"].items():
-                total[name] = total.get(name, 0) + int(info["count"])
-        return total
+        return count_of(self.manifests)
 
-    def _gather(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
-        """Every shard's answer, or ShardUnavailable naming the shards that gave none in time."""
+    def sources(self) -> list[dict[str, Any]]:
+        return [s for m in self.manifests for s in m.get("sources", [])]
+
+    def check(self) -> dict[str, dict[str, int]]:
+        return check_cluster(self.path)
+
+    # --- the actors -----------------------------------------------------------------------
+
+    def _started(self) -> dict[str, list[Any]]:
+        """The replicas of every shard, started at the first call that needs them."""
+        with self._start_lock:
+            if not self._actors:
+                self._start()
+        return self._actors
+
+    def _start(self) -> None:
+        ray = self._ray = _ray(self.address)
+        view = self._view
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if self.replicas > 1 and alive < self.replicas:
+            raise RshashError(
+                f"--replicas {self.replicas}: needs as many Ray nodes, the cluster has {alive}"
+            )
+        actors: dict[str, list[Any]] = {}
+        for name in view.names:
+            contents = ray.put(snapshot(self.path / name, view.committed[name]))
+            self._contents[name] = (view.shard_generation(name), contents)
+            self._first_contents[name] = contents  # a restarting replica is built from it
+            actors[name] = [
+                self._actor(name, i).remote(
+                    name, view.shard_generation(name), contents, view.fields
+                )
+                for i in range(self.replicas)
+            ]
+        pings = {name: [a.ping.remote() for a in reps] for name, reps in actors.items()}
+        for name, refs in pings.items():
+            self._gather_all(refs, name, "start", max(self.timeout, START_TIMEOUT))
+        self._actors = actors
+        self.nodes = {n: [ray.get(r)[1] for r in refs] for n, refs in pings.items()}
+
+    def _actor(self, name: str, replica: int) -> Any:
+        """The actor class for one replica: with one, spread and retried in place; with more,
+        one bundle each of a STRICT_SPREAD placement group (different nodes)."""
         ray = self._ray
-        limit = self.timeout if timeout is None else timeout
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=limit)
-        waiting = set(pending)
-        out, missing = [], []
-        for name, ref in zip(self.names, refs, strict=True):
-            if ref in waiting:
-                missing.append(f"{name} (no answer within {limit:g} s)")
+        options: dict[str, Any] = {"num_cpus": self.shard_cpus, "max_restarts": -1}
+        if self.replicas == 1:
+            options.update(max_task_retries=-1, scheduling_strategy="SPREAD")
+        else:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            if replica == 0:
+                bundles = [{"CPU": self.shard_cpus}] * self.replicas
+                self._group = placement_group(bundles, strategy="STRICT_SPREAD")
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self._group, placement_group_bundle_index=replica
+            )
+        return ray.remote(_Shard).options(**options)
+
+    def _gather_all(self, refs: list[Any], name: str, what: str, timeout: float) -> None:
+        ray = self._ray
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            raise ShardUnavailable(
+                f"{self.path}: {what}: shard {name} (no answer within {timeout:g} s) unavailable"
+            )
+        ray.get(refs)
+
+    def _scatter(self, view: _View, what: str, call: Callable[[Any, int], Any]) -> list[Any]:
+        """Every shard's answer to `call(replica, shard generation)`, from one replica each:
+        the next in turn, another when one fails or is slow; ShardUnavailable naming the shards
+        with no answer within the timeout."""
+        actors = self._started()
+        ray = self._ray
+        names, count = view.names, self.replicas
+        turn = next(self._turn)
+        tried = dict.fromkeys(names, 0)
+        outstanding: dict[Any, str] = {}
+        results: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+
+        def launch(name: str) -> None:
+            replica = actors[name][(turn + tried[name]) % count]
+            tried[name] += 1
+            outstanding[call(replica, view.shard_generation(name))] = name
+
+        for name in names:
+            launch(name)
+        start = time.monotonic()
+        hedge = self.timeout / (count + 1)
+        next_hedge = start + hedge
+        while outstanding and len(results) < len(names):
+            now = time.monotonic()
+            until = start + self.timeout
+            if count > 1:
+                until = min(until, next_hedge)
+            ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=max(0.0, until - now))
+            if not ready:
+                if time.monotonic() >= start + self.timeout:
+                    break
+                for name in names:  # slow: ask the next replica too
+                    if name not in results and tried[name] < count:
+                        launch(name)
+                next_hedge += hedge
+                continue
+            name = outstanding.pop(ready[0])
+            if name in results:
                 continue
             try:
-                out.append(ray.get(ref))
+                results[name] = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                missing.append(f"{name} ({type(exc).__name__})")
+                failed[name] = type(exc).__name__
+                if tried[name] < count:
+                    launch(name)
+            except ShardBehind as exc:
+                failed[name] = str(exc)
+                self._reload(name, view)
+                if tried[name] < count:
+                    launch(name)
+        missing = []
+        for name in names:
+            if name not in results:
+                why = failed.get(name) or f"no answer within {self.timeout:g} s"
+                missing.append(f"{name} ({why})")
         if missing:
             raise ShardUnavailable(f"{self.path}: {what}: shard {', '.join(missing)} unavailable")
-        return out
+        return [results[n] for n in names]
 
-    def degraded(self, timeout: float = 1.0) -> list[str]:
-        """Names of the shards that do not answer a ping within `timeout` seconds.
+    def _reload(self, name: str, view: _View) -> None:
+        """Give every replica of `name` the view's generation (a restarted one lacks it)."""
+        generation, contents = self._contents[name]
+        if view is not self._view or generation != view.shard_generation(name):
+            return  # a query of a generation since replaced: nothing to do
+        for replica in self._actors[name]:
+            replica.load.remote(generation, contents, view.fields)
 
-        Also updates `nodes`: the Ray node id each answering shard runs on.
+    def refresh(self) -> bool:
+        """Move to the newest cluster generation; True once switched.
+
+        The changed shards' files are shipped to and loaded by their replicas in a thread of
+        their own (seconds for a large shard), so the caller (the service's batch thread) is
+        never held up: calls return False until the replicas hold it, then queries switch at
+        once (those running finish on the old generation).
         """
-        refs = [a.ping.remote() for a in self.actors]
-        _, pending = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        with self._refresh_lock:
+            loading = self._loading
+            if loading is not None:
+                if loading.is_alive():
+                    return False
+                self._loading = None
+                if loading.error is not None:
+                    raise loading.error
+                if loading.view.generation == self._view.generation:
+                    return False
+                self._view = loading.view
+                return True
+            cluster = read_cluster(self.path)
+            if int(cluster["generation"]) == self._view.generation:
+                return False
+            view = self._view_of(cluster)
+            if not self._actors:
+                self._view = view
+                return True
+            self._loading = _Loading(self, view)
+            self._loading.start()
+            return False
+
+    def _refresh_now(self) -> None:
+        """Switch to the newest generation before returning (after this index's own change)."""
+        while not self.refresh() and self._loading is not None:
+            self._loading.join()
+
+    def _load(self, view: _View) -> None:
+        """Have the replicas of every shard that changed load its generation in `view`."""
+        for name in view.names:
+            if view.shard_generation(name) == self._view.shard_generation(name):
+                continue
+            contents = self._ray.put(snapshot(self.path / name, view.committed[name]))
+            refs = [
+                a.load.remote(view.shard_generation(name), contents, view.fields)
+                for a in self._actors[name]
+            ]
+            ready, _ = self._ray.wait(refs, num_returns=1, timeout=START_TIMEOUT)
+            if not ready:
+                raise ShardUnavailable(f"{self.path}: refresh: no replica of {name} loaded")
+            self._ray.get(ready[0])  # a replica that failed to load reloads when asked
+            self._contents[name] = (view.shard_generation(name), contents)
+
+    def health(self) -> dict[str, Any]:
+        """Shards (`degraded`: those with no replica answering a ping within a second) and the
+        Ray nodes their replicas run on."""
+        self._started()
+        down = self.degraded(HEALTH_TIMEOUT)
+        body: dict[str, Any] = {
+            "shards": len(self._view.names),
+            "replicas": self.replicas,
+            "shard_nodes": {n: nodes[0] for n, nodes in self.nodes.items() if nodes},
+            "replica_nodes": {n: list(nodes) for n, nodes in self.nodes.items()},
+        }
+        if down:
+            body["degraded"] = down
+        return body
+
+    def degraded(self, timeout: float = HEALTH_TIMEOUT) -> list[str]:
+        """Names of the shards of which no replica answers a ping within `timeout` seconds.
+
+        Also updates `nodes`: the Ray node ids the answering replicas run on.
+        """
+        actors = self._started()
+        ray = self._ray
+        refs = {name: [a.ping.remote() for a in reps] for name, reps in actors.items()}
+        every = [r for rs in refs.values() for r in rs]
+        _, pending = ray.wait(every, num_returns=len(every), timeout=timeout)
+        waiting = set(pending)
         down = []
-        for name, ref in zip(self.names, refs, strict=True):
-            try:
-                if ref in pending:
-                    raise TimeoutError
-                self.nodes[name] = self._ray.get(ref)[1]
-            except (TimeoutError, self._ray.exceptions.RayError):
+        for name, rs in refs.items():
+            nodes = []
+            for ref in rs:
+                try:
+                    if ref not in waiting:
+                        nodes.append(ray.get(ref)[1])
+                except ray.exceptions.RayError:
+                    pass
+            self.nodes[name] = nodes
+            if not nodes:
                 down.append(name)
-                self.nodes.pop(name, None)
         self.last_degraded = down
         return down
+
+    # --- searching ------------------------------------------------------------------------
+
+    def _filters(
+        self, view: _View, collection: str, where: str | None, bbox: BBox | None
+    ) -> dict[str, Any]:
+        """The filter as the shards take it, checked first against the fields of every shard
+        (one answer for the union: a shard that lacks a field just matches nothing)."""
+        if where is not None:
+            compile_where(where, view.fields.get(collection, frozenset()))
+        return filter_args(where, check_bbox(bbox) if bbox is not None else None)
+
+    def resolve_filter(self, collection: str, where: str | None, bbox: BBox | None) -> None:
+        """Check the filter, and have one replica of every shard resolve it into its cache
+        ahead of the search (the keys stay in the shards: the search applies the filter)."""
+        view = self._view
+        filters = self._filters(view, collection, where, bbox)
+        if filters:
+            self._scatter(view, "filter", lambda a, g: a.prepare.remote(g, collection, filters))
 
     def search_codes(
         self,
@@ -381,16 +832,20 @@ class ShardedIndex(Searcher):
         radius: int | None = None,
         *,
         where: str | None = None,
-        bbox: tuple[float, float, float, float] | None = None,
+        bbox: BBox | None = None,
         allowed: Allowed | None = None,
     ) -> list[list[Hit]]:
         check_query(k, radius, self.bits)
         if allowed is not None:
             raise RshashError(f"{self.path}: shards resolve filters themselves; pass where/bbox")
-        filters = self._filters(collection, where, bbox)
+        view = self._view
+        filters = self._filters(view, collection, where, bbox)
         codes = np.ascontiguousarray(codes, np.uint8)
-        refs = [a.search.remote(codes, k, collection, radius, filters) for a in self.actors]
-        parts = self._gather(refs, "search")
+        parts = self._scatter(
+            view,
+            "search",
+            lambda a, g: a.search.remote(g, codes, k, collection, radius, filters),
+        )
         merged = []
         for q in range(len(codes)):
             hits = sorted((h for part in parts for h in part[q]), key=lambda h: (h[1], h[0]))
@@ -399,8 +854,47 @@ class ShardedIndex(Searcher):
         return merged
 
     def item(self, item_id: str, collection: str = "images") -> dict[str, Any]:
-        found = self._gather([a.item.remote(item_id, collection) for a in self.actors], "item")
+        view = self._view
+        found = self._scatter(view, "item", lambda a, g: a.item.remote(g, item_id, collection))
         for it in found:
             if it is not None:
                 return dict(it)
         raise RshashError(f"{self.path}: no {collection[:-1]} with id {item_id!r}")
+
+    def items(self, collection: str = "images") -> list[dict[str, Any]]:
+        """Every live record of a collection, in key order (for tests and small archives)."""
+        view = self._view
+        parts = self._scatter(view, "items", lambda a, g: a.items.remote(g, collection))
+        return [
+            rec for _, rec in sorted((kr for part in parts for kr in part), key=lambda kr: kr[0])
+        ]
+
+    # --- changing (where the shard directories are; see cluster.ShardWriter) ----------------
+
+    def _writing(self) -> ShardWriter:
+        if self._writer is None:
+            self._writer = ShardWriter(self.path, self.lock_timeout_s)
+        return self._writer
+
+    def check_new_ids(self, collection: str, items: list[dict[str, Any]]) -> None:
+        self._writing().check_new_ids(collection, items)
+
+    def add(self, collection: str, codes: np.ndarray, items: list[dict[str, Any]]) -> np.ndarray:
+        return self._writing().add(collection, codes, items)
+
+    def remove(self, ids: Any) -> int:
+        return self._writing().remove(list(ids))
+
+    def commit(self, source: dict[str, Any] | None = None) -> None:
+        self._writing().commit(source)
+        self._refresh_now()
+
+    def compact(self) -> dict[str, int]:
+        dropped = self._writing().compact()
+        self._refresh_now()
+        return dropped
+
+    def close(self) -> None:
+        """Drop uncommitted changes and release the writer lock (the actors stay up)."""
+        if self._writer is not None:
+            self._writer.close()

@@ -367,3 +367,11 @@ class WriteLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def files_named(manifest: dict[str, Any]) -> set[str]:
+    """The segment and engine-state files a manifest names."""
+    cols = manifest["collections"].values()
+    return {s["file"] for info in cols for s in info["segments"]} | {
+        info["state"] for info in cols if info.get("state")
+    }

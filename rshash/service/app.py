@@ -38,11 +38,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rshash.data.bbox import check_bbox, parse_bbox
 from rshash.errors import RshashError
 from rshash.features.backends import AUTO
-from rshash.index import Hit, Index
+from rshash.index import CodeIndex, Hit, Searcher
+from rshash.index.base import Allowed, StaleFilter
 from rshash.index.encoder import MAX_QUERY_PIXELS
 from rshash.index.filters import check_text
-from rshash.index.index import Allowed, StaleFilter
-from rshash.index.sharded import SHARDS, ShardedIndex, ShardUnavailable
+from rshash.index.opening import OpenConfig
+from rshash.index.opening import open_index as open_any_index
+from rshash.index.sharded import ShardUnavailable
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
 from rshash.service.body_limit import BodyLimit
 from rshash.service.geo_routes import geo_router, render, tile_png
@@ -78,6 +80,7 @@ class ServiceConfig:
     shard_timeout_s: float = 10.0  # sharded index: longest wait for a shard's answer
     ray_address: str | None = None  # sharded index: Ray cluster to join (None: local Ray)
     shard_cpus: float = 0.5  # sharded index: CPUs each shard actor reserves
+    replicas: int = 1  # sharded index: actors per shard, on different nodes
     torch_threads: int | None = None  # encoder threads (None: torch's default, one per core)
     filter_threads: int = 2  # filters resolved at once (lower-priority threads apart from batches)
     backend: str = AUTO  # inference backend of the query encoders (rshash.features.backends)
@@ -121,11 +124,17 @@ def _checked_bbox(bbox: str | Sequence[float] | None) -> BBox | None:
         raise HTTPException(422, str(exc)) from None
 
 
-def open_index(path: str | Path, cfg: ServiceConfig) -> Index | ShardedIndex:
-    path = Path(path)
-    if (path / SHARDS).is_file():
-        return ShardedIndex(path, cfg.ray_address, cfg.shard_timeout_s, cfg.shard_cpus, cfg.backend)
-    return Index.open(path, device=cfg.device, backend=cfg.backend)
+def open_index(path: str | Path, cfg: ServiceConfig) -> CodeIndex:
+    """The index at `path` (local or sharded), its query encoder on `cfg.device`."""
+    opening = OpenConfig(
+        device=cfg.device,
+        backend=cfg.backend,
+        ray_address=cfg.ray_address,
+        shard_timeout_s=cfg.shard_timeout_s,
+        shard_cpus=cfg.shard_cpus,
+        replicas=cfg.replicas,
+    )
+    return open_any_index(path, opening)
 
 
 def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> FastAPI:
@@ -133,6 +142,8 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     index = open_index(index_path, cfg)
+    index.health()  # a sharded index starts its replicas here: a bad setting fails at startup
+    searcher = Searcher(index)
     thumbs = Path(index_path) / "thumbnails"
     metrics = ServiceMetrics()
     filter_threads = BackgroundThreads(cfg.filter_threads, cfg.max_queue)
@@ -153,7 +164,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     scope = (str(index.manifest["model"]["fingerprint"]), index.encoder.backend)
     cache = QueryCache(cfg.query_cache, scope, metrics.cache_lookup)
     batcher: Batcher[SearchRequest, list[Hit]] = Batcher(
-        lambda requests: search_batch(index, requests, cache),
+        lambda requests: search_batch(searcher, requests, cache),
         BatchConfig(cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.max_queue_ms),
         between=between_batches,
         on_batch=metrics.batch_size.observe,
@@ -175,22 +186,13 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     decode_slots = asyncio.Semaphore(cfg.decode_workers)
 
-    def counts() -> dict[str, int]:
-        if isinstance(index, ShardedIndex):
-            return index.counts()
-        return {name: len(col) for name, col in index.collections.items()}
-
     def item_of(item_id: str) -> dict[str, Any]:
         try:
             return index.item(item_id)
         except RshashError:
             raise HTTPException(404, f"no image with id {item_id!r}") from None
 
-    def sources() -> list[dict[str, Any]]:
-        manifests = index.manifests if isinstance(index, ShardedIndex) else [index.manifest]
-        return [s for m in manifests for s in m.get("sources", [])]
-
-    served = ServedFiles(sources)
+    served = ServedFiles(index.sources)
 
     def file_item_of(item_id: str) -> dict[str, Any]:
         """The item, its path checked to be a file under the index's source roots (else 404)."""
@@ -279,7 +281,7 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        n = counts()
+        n = index.counts()
         body: dict[str, Any] = {
             "status": "ok",
             "images": n.get("images", 0),
@@ -289,23 +291,22 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             "model": index.manifest["model"]["method"],
             "generation": index.generation,
         }
-        if isinstance(index, ShardedIndex):
-            down = await run_in_threadpool(index.degraded)
-            body["shards"] = len(index.names)
-            body["shard_nodes"] = dict(index.nodes)
-            if down:
-                body.update(status="degraded", degraded_shards=down)
-                return _json(body, 503)
+        extra = await run_in_threadpool(index.health)
+        down = extra.pop("degraded", None)
+        body.update(extra)
+        if down:
+            metrics.degraded.set(len(down))
+            body.update(status="degraded", degraded_shards=down)
+            return _json(body, 503)
+        metrics.degraded.set(0)
         return _json(body)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         metrics.queue_depth.set(batcher.depth)
         metrics.generation.set(index.generation)
-        for name, count in counts().items():
+        for name, count in index.counts().items():
             metrics.items.labels(name).set(count)
-        if isinstance(index, ShardedIndex):
-            metrics.degraded.set(len(index.last_degraded))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/search/text")

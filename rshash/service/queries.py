@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from rshash.features.views import plain_view
+from rshash.index.base import Allowed, Hit, Searcher, filter_args
 from rshash.index.encoder import CodeEncoder, decode_image
-from rshash.index.index import Allowed, Hit, Searcher
 from rshash.index.packing import empty_codes, pack_codes
 from rshash.service.query_cache import QueryCache
 
@@ -58,11 +58,11 @@ def encode_views(encoder: CodeEncoder, views: Sequence[Image.Image]) -> np.ndarr
 
 
 def search_batch(
-    index: Searcher, requests: list[SearchRequest], cache: QueryCache | None = None
+    searcher: Searcher, requests: list[SearchRequest], cache: QueryCache | None = None
 ) -> list[list[Hit] | Exception]:
     """Answers to `requests`, in order; a failing group fails only its own requests. Text codes
     come through `cache` when given."""
-    encoder = index.encoder
+    encoder, index = searcher.encoder, searcher.index
     codes = empty_codes(len(requests), encoder.run.bits)
     texts = [i for i, r in enumerate(requests) if r.text is not None]
     images = [i for i, r in enumerate(requests) if r.image is not None]
@@ -81,14 +81,7 @@ def search_batch(
     out: list[list[Hit] | Exception] = [[] for _ in requests]
     for members in groups.values():
         first = requests[members[0]]
-        filters: dict[str, Any] = {}
-        if first.allowed is not None:
-            filters["allowed"] = first.allowed
-        else:
-            if first.where is not None:
-                filters["where"] = first.where
-            if first.bbox is not None:
-                filters["bbox"] = first.bbox
+        filters = filter_args(first.where, first.bbox, first.allowed)
         k = max(requests[i].k for i in members)
         try:
             found = index.search_codes(codes[members], k, first.collection, first.radius, **filters)

@@ -1,0 +1,147 @@
+"""Replicas: 2 shards × 2 replicas on a 3-node Ray test cluster (`ray.cluster_utils.Cluster`,
+raylets on 127.0.0.1), served over HTTP while another process adds items and a node is removed:
+no query fails, and the service moves to the new cluster generation without a restart."""
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from rshash.data import load_dataset
+from rshash.index import Index
+from rshash.index.sharded import ray_build_shards
+from rshash.service import ServiceConfig
+from tests.service_server import running_service
+from tests.test_service_cluster import LOCAL
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+TIMEOUT = 20.0  # the service's shard timeout: a replica slower than a third of it is doubled
+
+
+@pytest.fixture
+def three_nodes(monkeypatch):
+    """A head node without CPUs (the driver) and three 1-CPU worker nodes, all on loopback."""
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={**LOCAL, "num_cpus": 0, "include_dashboard": False},
+    )
+    workers = [c.add_node(**LOCAL, num_cpus=1) for _ in range(3)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _wait_for(predicate, seconds, what):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_replicas_answer_through_a_node_loss_and_a_live_add(
+    three_nodes, ucm_index, ucm_run, ucm_path, tmp_path
+):
+    """Guards against a lost node failing queries when its shards have replicas elsewhere,
+    replicas placed on one node, a replica that cannot be rebuilt (its files gone from the
+    object store) or answers from an old generation, and a service that needs a restart to see
+    an add: every streamed query must answer 200 with the local index's answer before or after
+    the add, while a node goes and another process adds; the lost replica comes back."""
+    c, workers = three_nodes
+    single = Index.open(ucm_index)
+    shards = tmp_path / "shards"
+    ray_build_shards(
+        ucm_run,
+        load_dataset(ucm_path, check_images=False),
+        shards,
+        shards=2,
+        image_codes=single.collections["images"].codes,
+        caption_codes=single.collections["captions"].codes,
+    )
+    local = tmp_path / "local"  # the same add, made to a local copy: the answers after it
+    shutil.copytree(ucm_index, local)
+    after = Index.open(local)
+    codes = np.random.default_rng(0).integers(0, 256, (5, 8), np.uint8)
+    after.add("images", codes, [{"id": f"img-{i}"} for i in range(5)])
+    after.commit()
+    query = {"query": "a river", "k": 10}
+    wants = [
+        [(h.id, h.distance) for h in index.search_text("a river", k=10)]
+        for index in (single, after)
+    ]
+    cfg = ServiceConfig(
+        shard_timeout_s=TIMEOUT,
+        ray_address=c.address,
+        shard_cpus=0.5,
+        replicas=2,
+        refresh_interval_s=0.5,
+    )
+    with running_service(shards, cfg) as url, httpx.Client(base_url=url, timeout=120) as http:
+        health = http.get("/healthz").json()
+        assert health["status"] == "ok" and health["replicas"] == 2
+        for name, nodes in health["replica_nodes"].items():
+            assert len(set(nodes)) == 2, f"{name}: replicas share a node"
+        answers: list[tuple[int, object]] = []
+        stop = threading.Event()
+
+        def stream():
+            with httpx.Client(base_url=url, timeout=120) as client:
+                while not stop.is_set():
+                    r = client.post("/search/text", json=query)
+                    body = r.json()
+                    hits = [(h["id"], h["distance"]) for h in body.get("results", [])]
+                    answers.append((r.status_code, hits if r.status_code == 200 else body))
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        try:
+            _wait_for(lambda: len(answers) >= 3, 120, "queries before the node loss")
+            victim = next(
+                w for w in workers if w.node_id == health["replica_nodes"]["shard-000"][0]
+            )
+            c.remove_node(victim)
+            writer = subprocess.run(
+                [sys.executable, "-m", "tests.cluster_writer", str(shards), "0", "5", "-"],
+                capture_output=True,
+                text=True,
+            )
+            assert writer.returncode == 0, writer.stderr
+            _wait_for(
+                lambda: http.get("/healthz").json()["images"] == 2105, 120, "the new generation"
+            )
+            n = len(answers)
+            _wait_for(lambda: len(answers) >= n + 3, 120, "queries after the add")
+        finally:
+            stop.set()
+            streamer.join(timeout=180)
+        assert not streamer.is_alive(), "a query never returned"
+        failed = [a for a in answers if a[0] != 200]
+        assert not failed, failed[:3]
+        assert all(hits in wants for _, hits in answers)
+        assert answers[-1][1] == wants[1]
+        assert http.get("/healthz").json()["generation"] == 1
+
+        def rebuilt() -> bool:
+            nodes = http.get("/healthz").json()["replica_nodes"]
+            return all(len(set(n)) == 2 and victim.node_id not in n for n in nodes.values())
+
+        _wait_for(rebuilt, 240, "the lost replica rebuilt on the remaining nodes")
+        for _ in range(6):  # round-robin: the rebuilt replica answers from the new generation
+            r = http.post("/search/text", json=query)
+            assert (
+                r.status_code == 200
+                and [(h["id"], h["distance"]) for h in r.json()["results"]] == wants[1]
+            )
