@@ -20,8 +20,8 @@ from rshash.data import load_dataset
 from rshash.features.backends import DEFAULT_CPU_BACKEND
 from rshash.index.build import BuildConfig, build_index
 from rshash.index.encoder import CodeEncoder
-from rshash.reproducibility import seed_everything
 from rshash.models.run import HashRun
+from rshash.reproducibility import seed_everything
 
 SEED = 0
 
