@@ -55,6 +55,7 @@ from rshash.index.store import (
     in_collection,
     live_sql,
 )
+from rshash.index.time_filter import with_datetime
 from rshash.models.model_file import MODEL, MODEL_FILES, model_fingerprint
 from rshash.reproducibility import provenance, resolve_device
 from rshash.training.run import HashRun
@@ -185,9 +186,13 @@ class Searcher(ABC):
         *,
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
+        datetime: str | None = None,
     ) -> list[Hit]:
+        """Nearest items to a text; `datetime` (RFC 3339 instant or interval) filters by time
+        like `where` (see `time_filter`)."""
         if not query.strip():
             raise RshashError("empty text query")
+        where = self._with_datetime(where, datetime, collection)
         codes = self.encoder.encode_texts([query])
         return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
 
@@ -200,7 +205,9 @@ class Searcher(ABC):
         *,
         where: str | None = None,
         bbox: tuple[float, float, float, float] | None = None,
+        datetime: str | None = None,
     ) -> list[Hit]:
+        where = self._with_datetime(where, datetime, collection)
         if isinstance(image, str | Path):
             path = Path(image)
             if not path.is_file():
@@ -210,6 +217,15 @@ class Searcher(ABC):
             image = decode_image(image)
         codes = self.encoder.encode_images([image])
         return self.search_codes(codes, k, collection, radius, where=where, bbox=bbox)[0]
+
+    def _with_datetime(
+        self, where: str | None, datetime: str | None, collection: str
+    ) -> str | None:
+        """`where` joined with the time filter `datetime` (checked against the index's fields)."""
+        if datetime is None:
+            return where
+        fields = getattr(self, "fields", None)
+        return with_datetime(where, datetime, fields(collection) if fields else None)
 
 
 def record_fields(db: sqlite3.Connection, collection: str) -> frozenset[str]:
