@@ -366,4 +366,8 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         return item_of(item_id)
 
     app.include_router(geo_router(file_item_of, thumbs))
+    if isinstance(index, Index):  # a sharded index has no STAC API (yet)
+        from rshash.service.stac import mount_stac
+
+        mount_stac(app, index, batcher, filter_threads.run)
     return app
