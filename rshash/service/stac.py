@@ -55,7 +55,7 @@ from rshash.index.packing import empty_codes
 from rshash.index.time_filter import with_datetime
 from rshash.service.batcher import Batcher, QueueFull
 from rshash.service.queries import SearchRequest
-from rshash.service.stac_items import collection_of, record_ids, tile_item
+from rshash.service.stac_items import STAC_VERSION, collection_of, record_ids, tile_item
 
 MAX_DEPTH = 10_000  # results reachable by paging (the engines' largest k)
 MAX_LIMIT = 1_000  # Items on one page
@@ -138,10 +138,19 @@ def _token(token: str | None) -> int:
 
 
 def _limit(limit: int | None) -> int:
+    """A page's size; above MAX_LIMIT, MAX_LIMIT (the STAC API's rule for a large limit)."""
     limit = 10 if limit is None else int(limit)
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidQueryParameter(f"limit: expected 1 to {MAX_LIMIT}, got {limit}")
-    return limit
+    if limit < 1:
+        raise InvalidQueryParameter(f"limit: expected a positive number, got {limit}")
+    return min(limit, MAX_LIMIT)
+
+
+def _bbox(bbox: Any) -> tuple[float, ...] | None:
+    """A 2D bbox; a 3D one (6 numbers) loses its heights."""
+    if not bbox:
+        return None
+    values = tuple(float(v) for v in bbox)
+    return values[:2] + values[3:5] if len(values) == 6 else values
 
 
 def _q(q: str | list[str] | None) -> str | None:
@@ -211,7 +220,7 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
         url = f"{base}collections/{cid}"
         return {
             "type": "Collection",
-            "stac_version": "1.1.0",
+            "stac_version": STAC_VERSION,
             "stac_extensions": [],
             "id": cid,
             "title": cid,
@@ -265,11 +274,13 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
                 intersects = json.loads(intersects)
             except ValueError:
                 raise InvalidQueryParameter("intersects: not a GeoJSON geometry") from None
+        if intersects is not None and kwargs.get("bbox"):
+            raise InvalidQueryParameter("bbox and intersects: give one, not both")
         query = Query(
             q=_q(kwargs.get("q")),
             collections=_tuple(kwargs.get("collections")),
             ids=_tuple(kwargs.get("ids")),
-            bbox=tuple(kwargs["bbox"]) if kwargs.get("bbox") else None,
+            bbox=_bbox(kwargs.get("bbox")),
             intersects=intersects,
             datetime=kwargs.get("datetime"),
             limit=_limit(kwargs.get("limit")),
@@ -284,7 +295,7 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
             q=_q(getattr(s, "q", None)),
             collections=_tuple(s.collections),
             ids=_tuple(s.ids),
-            bbox=tuple(s.bbox) if s.bbox else None,
+            bbox=_bbox(s.bbox),
             intersects=geometry,
             datetime=s.datetime,
             limit=_limit(s.limit),
@@ -298,7 +309,7 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
         await self.get_collection(collection_id, request=request)
         query = Query(
             collections=(collection_id,),
-            bbox=tuple(kwargs["bbox"]) if kwargs.get("bbox") else None,
+            bbox=_bbox(kwargs.get("bbox")),
             datetime=kwargs.get("datetime"),
             limit=_limit(kwargs.get("limit")),
             offset=_token(kwargs.get("token")),
@@ -332,7 +343,10 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
                       _service(request), base)
             for i, h in enumerate(page)
         ]  # fmt: skip
-        links: list[dict[str, Any]] = [{"rel": "root", "href": base, "type": "application/json"}]
+        links: list[dict[str, Any]] = [
+            {"rel": "root", "href": base, "type": "application/json"},
+            {"rel": "self", "href": str(request.url), "type": "application/geo+json"},
+        ]
         if len(hits) > query.offset + query.limit and query.offset + query.limit < MAX_DEPTH:
             links.append(_next(request, method, query.offset + query.limit))
         return {
@@ -472,6 +486,7 @@ def stac_app(client: RshashStacClient, title: str) -> FastAPI:
         exceptions={NotFoundError: 404, InvalidQueryParameter: 400, Busy: 503},
         title=title,
         description=DESCRIPTION,
+        stac_version=STAC_VERSION,
         search_get_request_model=create_get_request_model(extensions),
         search_post_request_model=create_post_request_model(extensions),
         items_get_request_model=create_request_model(
