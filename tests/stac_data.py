@@ -87,8 +87,8 @@ def item_files(catalog: Path) -> dict[str, Path]:
 
 
 def broken_copy(catalog: Path, dest: Path, item_id: str, change: dict | None = None) -> Path:
-    """A copy of the catalog in `dest` (images shared) with Item `item_id`'s JSON updated by `change`
-    (a key set to None is removed); returns the copy's catalog file."""
+    """A copy of the catalog in `dest` (images shared), Item `item_id`'s JSON updated by
+    `change` (dotted keys; a key set to None is removed); returns the copy's catalog file."""
     shutil.copytree(catalog.parent, dest / catalog.parent.name)
     (dest / "images").symlink_to(catalog.parent.parent / "images")  # relative hrefs still resolve
     copy = dest / catalog.parent.name / catalog.name

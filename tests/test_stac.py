@@ -18,7 +18,7 @@ from rshash.index.time_filter import parse_datetime
 from rshash.service import ServiceConfig
 from tests.conftest import rshash_cli
 from tests.service_server import running_service
-from tests.stac_data import GRID, SPECS, broken_copy, item_files, write_catalog
+from tests.stac_data import GRID, SPECS, broken_copy, write_catalog
 
 TILES_PER_ITEM = GRID * GRID  # the margin's tiles are all nodata and skipped
 QUERY = "many boats in a harbour"
@@ -374,16 +374,14 @@ def _local_schemas(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return missing
 
 
-def test_stac_api_validator_passes_core_item_search_collections_features(
-    stac_service, monkeypatch
-):
+def test_stac_api_validator_passes_core_item_search_collections_features(stac_service, monkeypatch):
     """The community's conformance checker, with the JSON schemas it would download served from
     pystac's local copies (no network at test time)."""
     from stac_api_validator.validations import QueryConfig, validate_api
 
     missing = _local_schemas(monkeypatch)
     query = QueryConfig(*([None] * len(QueryConfig.__dataclass_fields__)))
-    warnings, errors = validate_api(
+    _, errors = validate_api(
         root_url=f"{stac_service}/stac/",
         ccs_to_validate=["core", "item-search", "collections", "features"],
         collection="aerial-a",
@@ -398,3 +396,17 @@ def test_stac_api_validator_passes_core_item_search_collections_features(
     )
     assert not missing
     assert not errors.errors, "\n".join(str(e) for e in errors.errors)
+
+
+def test_service_text_search_takes_datetime_like_where(stac_service, stac_index):
+    """Guards against /search/text ignoring `datetime` or applying it after the top-k cut."""
+    from rshash.index import Index
+
+    body = {"query": QUERY, "k": 5, "datetime": "../2019-12-31"}
+    got = httpx.post(f"{stac_service}/search/text", json=body, timeout=60).json()
+    want = Index.open(stac_index, device="cpu").search_text(QUERY, 5, datetime="../2019-12-31")
+    assert [r["id"] for r in got["results"]] == [h.id for h in want]
+    assert {r["stac_item"] for r in got["results"]} <= {"harbour-2019", "coast-2019"}
+    bad = httpx.post(f"{stac_service}/search/text", json={**body, "datetime": "soon"}, timeout=60)
+    assert bad.status_code == 400
+    assert bad.json()["error"].startswith("datetime: ")

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import attr
@@ -39,10 +39,12 @@ from stac_fastapi.api.models import (
 )
 from stac_fastapi.extensions import FreeTextAdvancedExtension, TokenPaginationExtension
 from stac_fastapi.extensions.free_text.free_text import FreeTextConformanceClasses
+from stac_fastapi.types import stac
 from stac_fastapi.types.config import ApiSettings
 from stac_fastapi.types.core import AsyncBaseCoreClient
 from stac_fastapi.types.errors import InvalidQueryParameter, NotFoundError, StacApiError
 from stac_fastapi.types.requests import get_base_url
+from stac_fastapi.types.search import APIRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -77,7 +79,7 @@ class StacFreeTextPost(BaseModel):
 
 
 @attr.s
-class FreeText(FreeTextAdvancedExtension):  # type: ignore[misc]
+class FreeText(FreeTextAdvancedExtension):
     """The free-text extension with `q` as one text (GET and POST); declared as the basic
     `#free-text` class: rshash ranks by the whole text's meaning, not by boolean terms."""
 
@@ -163,7 +165,7 @@ def _q(q: str | list[str] | None) -> str | None:
 
 
 @attr.s
-class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
+class RshashStacClient(AsyncBaseCoreClient):
     """stac-fastapi's core client over an rshash index: searches go through the service's
     batcher (`submit`), filters through its filter threads (`run_filter`)."""
 
@@ -192,7 +194,7 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
         gen = self.index.generation
         with self._lock:
             if self._summaries.get("generation") == gen:
-                return self._summaries["collections"]  # type: ignore[no-any-return]
+                return self._summaries["collections"]
         found: dict[str, dict[str, Any]] = {}
         for record in self.index.items():
             c = found.setdefault(collection_of(record), {"count": 0, "boxes": [], "times": []})
@@ -235,10 +237,10 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
             ],
         }
 
-    async def all_collections(self, **kwargs: Any) -> dict[str, Any]:
+    async def all_collections(self, **kwargs: Any) -> stac.Collections:
         base = _base(kwargs["request"])
         names = await self.run_filter(lambda: sorted(self._collections()))
-        cols = [self._collection(c, base) for c in names]
+        cols = [cast(stac.Collection, self._collection(c, base)) for c in names]
         return {
             "collections": cols,
             "links": [
@@ -248,13 +250,13 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
             ],
         }
 
-    async def get_collection(self, collection_id: str, **kwargs: Any) -> dict[str, Any]:
+    async def get_collection(self, collection_id: str, **kwargs: Any) -> stac.Collection:
         names = await self.run_filter(lambda: set(self._collections()))
         if collection_id not in names:
             raise NotFoundError(f"collection {collection_id!r}: not in this index")
-        return self._collection(collection_id, _base(kwargs["request"]))
+        return cast(stac.Collection, self._collection(collection_id, _base(kwargs["request"])))
 
-    async def get_item(self, item_id: str, collection_id: str, **kwargs: Any) -> dict[str, Any]:
+    async def get_item(self, item_id: str, collection_id: str, **kwargs: Any) -> stac.Item:
         request = kwargs["request"]
         for rid in record_ids(item_id):
             try:
@@ -262,33 +264,42 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
             except RshashError:
                 continue
             if collection_of(record) == collection_id:
-                return tile_item(record, None, None, _service(request), _base(request))
+                item = tile_item(record, None, None, _service(request), _base(request))
+                return cast(stac.Item, item)
         raise NotFoundError(f"item {item_id!r}: not in collection {collection_id!r}")
 
     # --- search ----------------------------------------------------------------------------
 
-    async def get_search(self, request: Request, **kwargs: Any) -> dict[str, Any]:
-        intersects = kwargs.get("intersects")
+    async def get_search(
+        self,
+        collections: list[str] | None = None,
+        ids: list[str] | None = None,
+        bbox: Any = None,
+        intersects: Any = None,
+        datetime: str | None = None,
+        limit: int | None = 10,
+        **kwargs: Any,
+    ) -> stac.ItemCollection:
         if isinstance(intersects, str):
             try:
                 intersects = json.loads(intersects)
             except ValueError:
                 raise InvalidQueryParameter("intersects: not a GeoJSON geometry") from None
-        if intersects is not None and kwargs.get("bbox"):
+        if intersects is not None and bbox:
             raise InvalidQueryParameter("bbox and intersects: give one, not both")
         query = Query(
             q=_q(kwargs.get("q")),
-            collections=_tuple(kwargs.get("collections")),
-            ids=_tuple(kwargs.get("ids")),
-            bbox=_bbox(kwargs.get("bbox")),
+            collections=_tuple(collections),
+            ids=_tuple(ids),
+            bbox=_bbox(bbox),
             intersects=intersects,
-            datetime=kwargs.get("datetime"),
-            limit=_limit(kwargs.get("limit")),
+            datetime=datetime,
+            limit=_limit(limit),
             offset=_token(kwargs.get("token")),
         )
-        return await self._search(query, request, "GET")
+        return await self._search(query, kwargs["request"], "GET")
 
-    async def post_search(self, search_request: Any, **kwargs: Any) -> dict[str, Any]:
+    async def post_search(self, search_request: Any, **kwargs: Any) -> stac.ItemCollection:
         s = search_request
         geometry = s.intersects.model_dump(exclude_none=True) if s.intersects else None
         query = Query(
@@ -304,19 +315,26 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
         return await self._search(query, kwargs["request"], "POST")
 
     async def item_collection(
-        self, collection_id: str, request: Request, **kwargs: Any
-    ) -> dict[str, Any]:
+        self,
+        collection_id: str,
+        bbox: Any = None,
+        datetime: str | None = None,
+        limit: int | None = 10,
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> stac.ItemCollection:
+        request = kwargs["request"]
         await self.get_collection(collection_id, request=request)
         query = Query(
             collections=(collection_id,),
-            bbox=_bbox(kwargs.get("bbox")),
-            datetime=kwargs.get("datetime"),
-            limit=_limit(kwargs.get("limit")),
-            offset=_token(kwargs.get("token")),
+            bbox=_bbox(bbox),
+            datetime=datetime,
+            limit=_limit(limit),
+            offset=_token(token),
         )
         return await self._search(query, request, "GET")
 
-    async def _search(self, query: Query, request: Request, method: str) -> dict[str, Any]:
+    async def _search(self, query: Query, request: Request, method: str) -> stac.ItemCollection:
         if query.offset >= MAX_DEPTH:
             raise InvalidQueryParameter(f"token: paging stops at {MAX_DEPTH} results")
         want = min(query.offset + query.limit + 1, MAX_DEPTH)  # one more: is there a next page
@@ -349,12 +367,13 @@ class RshashStacClient(AsyncBaseCoreClient):  # type: ignore[misc]
         ]
         if len(hits) > query.offset + query.limit and query.offset + query.limit < MAX_DEPTH:
             links.append(_next(request, method, query.offset + query.limit))
-        return {
+        body = {
             "type": "FeatureCollection",
             "features": features,
             "links": links,
             "numberReturned": len(features),
         }
+        return cast(stac.ItemCollection, body)
 
     def _allowed(self, query: Query) -> Allowed | None:
         """The query's filter resolved (in a filter thread); None: every item."""
@@ -489,11 +508,14 @@ def stac_app(client: RshashStacClient, title: str) -> FastAPI:
         stac_version=STAC_VERSION,
         search_get_request_model=create_get_request_model(extensions),
         search_post_request_model=create_post_request_model(extensions),
-        items_get_request_model=create_request_model(
-            "ItemCollectionUri",
-            base_model=ItemCollectionUri,
-            extensions=[paging],
-            request_type="GET",
+        items_get_request_model=cast(
+            type[APIRequest],
+            create_request_model(
+                "ItemCollectionUri",
+                base_model=ItemCollectionUri,
+                extensions=[paging],
+                request_type="GET",
+            ),
         ),
         middlewares=[
             Middleware(
