@@ -68,6 +68,35 @@ def test_every_item_is_tiled_like_its_geotiff_and_keeps_its_stac_fields(catalog)
         assert rec["time_start"] == rec["time_end"] == spec.when.timestamp()
 
 
+def test_stac_files_are_told_from_caption_json_datasets(catalog, ucm_path):
+    """Guards against `index build RUN dataset.json` (a caption-JSON dataset given as a file)
+    being read as a STAC catalog."""
+    from rshash.data.stac import is_stac_file
+
+    assert is_stac_file(catalog)
+    assert is_stac_file(catalog.parent / "aerial-a" / "collection.json")
+    assert not is_stac_file(ucm_path / "dataset.json")
+
+
+def test_a_collection_file_or_an_item_collection_reads_like_the_catalog(catalog, tmp_path):
+    """Guards against the other two STAC entry points losing Items or their collection."""
+    import pystac
+
+    whole = StacTiles(catalog)
+    coast = StacTiles(catalog.parent / "aerial-b" / "collection.json")
+    assert {e.item_id for e in coast.entries} == {"coast-2019", "coast-2021"}
+    assert {e.collection for e in coast.entries} == {"aerial-b"}
+    items = list(pystac.Catalog.from_file(str(catalog)).get_items(recursive=True))
+    for item in items:
+        item.make_asset_hrefs_absolute()
+    feature_collection = tmp_path / "items.json"
+    feature_collection.write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    from_fc = StacTiles(feature_collection)
+    assert sorted(from_fc.image_ids) == sorted(whole.image_ids)
+    first = from_fc.image_ids.index(whole.image_ids[0])
+    assert from_fc.image_record(first)["collection"] == whole.image_record(0)["collection"]
+
+
 @pytest.mark.parametrize(
     ("text", "start", "end"),
     [
@@ -180,9 +209,7 @@ def test_bad_catalog_is_refused_naming_the_item_and_field(catalog, tmp_path, cas
     assert "\n" not in str(err.value)
 
 
-def test_cli_refuses_a_bad_catalog_with_nothing_added_then_adds_a_good_one(
-    stac_index, catalog, tmp_path
-):
+def test_cli_refuses_a_bad_catalog_with_nothing_added(stac_index, catalog, tmp_path):
     """Guards against a half-added catalog: the bad Item is last in walk order, so a reader
     that added Items as it went would have added the others."""
     from rshash.index import Index

@@ -66,8 +66,20 @@ class StacEntry:
 
 
 def is_stac_file(path: str | Path) -> bool:
-    """Whether SOURCE names a JSON file (a STAC catalog) rather than images."""
-    return Path(path).suffix.lower() == ".json"
+    """Whether SOURCE is a STAC JSON file (a Catalog, Collection or ItemCollection: a JSON
+    object with `stac_version` or a FeatureCollection), not a caption-JSON dataset."""
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    if path.stat().st_size > MAX_JSON_BYTES:
+        return False
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (
+        "stac_version" in data or data.get("type") == "FeatureCollection"
+    )
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlencode
 
 import attr
@@ -59,6 +59,7 @@ from rshash.service.batcher import Batcher, QueueFull
 from rshash.service.queries import SearchRequest
 from rshash.service.stac_items import STAC_VERSION, collection_of, record_ids, tile_item
 
+T = TypeVar("T")
 MAX_DEPTH = 10_000  # results reachable by paging (the engines' largest k)
 MAX_LIMIT = 1_000  # Items on one page
 MAX_INTERSECTS_CANDIDATES = 100_000  # items an intersects geometry's box may hold
@@ -187,6 +188,14 @@ class RshashStacClient(AsyncBaseCoreClient):
                 link["href"] = f"{base}api.html"
         return page
 
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in one of the service's filter threads (never in the event loop);
+        503 when too many wait for one."""
+        try:
+            return cast(T, await self.run_filter(fn, *args))
+        except QueueFull as exc:
+            raise Busy(f"service busy ({exc}); retry") from None
+
     # --- collections ---------------------------------------------------------------------
 
     def _collections(self) -> dict[str, dict[str, Any]]:
@@ -239,7 +248,7 @@ class RshashStacClient(AsyncBaseCoreClient):
 
     async def all_collections(self, **kwargs: Any) -> stac.Collections:
         base = _base(kwargs["request"])
-        names = await self.run_filter(lambda: sorted(self._collections()))
+        names = await self._off_loop(lambda: sorted(self._collections()))
         cols = [cast(stac.Collection, self._collection(c, base)) for c in names]
         return {
             "collections": cols,
@@ -251,7 +260,7 @@ class RshashStacClient(AsyncBaseCoreClient):
         }
 
     async def get_collection(self, collection_id: str, **kwargs: Any) -> stac.Collection:
-        names = await self.run_filter(lambda: set(self._collections()))
+        names = await self._off_loop(lambda: set(self._collections()))
         if collection_id not in names:
             raise NotFoundError(f"collection {collection_id!r}: not in this index")
         return cast(stac.Collection, self._collection(collection_id, _base(kwargs["request"])))
@@ -260,7 +269,7 @@ class RshashStacClient(AsyncBaseCoreClient):
         request = kwargs["request"]
         for rid in record_ids(item_id):
             try:
-                record = await self.run_filter(self.index.item, rid)
+                record = await self._off_loop(self.index.item, rid)
             except RshashError:
                 continue
             if collection_of(record) == collection_id:
@@ -340,9 +349,9 @@ class RshashStacClient(AsyncBaseCoreClient):
         want = min(query.offset + query.limit + 1, MAX_DEPTH)  # one more: is there a next page
         for _ in range(FILTER_TRIES):
             try:
-                allowed = await self.run_filter(self._allowed, query)
+                allowed = await self._off_loop(self._allowed, query)
                 if query.q is None:
-                    hits = await self.run_filter(self._listed, allowed, want)
+                    hits = await self._off_loop(self._listed, allowed, want)
                 else:
                     hits = await self.batcher.submit(_request(query, allowed, want))
                 break
