@@ -5,6 +5,7 @@ indexed, filtered by time and collection, and served as a STAC API that unmodifi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -437,3 +438,40 @@ def test_service_text_search_takes_datetime_like_where(stac_service, stac_index)
     bad = httpx.post(f"{stac_service}/search/text", json={**body, "datetime": "soon"}, timeout=60)
     assert bad.status_code == 400
     assert bad.json()["error"].startswith("datetime: ")
+
+
+@pytest.mark.slow
+def test_web_page_searches_by_time(stac_index):
+    """The page's from/to dates reach the search: guards against the time filter being shown
+    but not sent (cards from other dates would appear)."""
+    from tests.test_web_page import CHROMIUM, FLAGS
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"chromium not found at {CHROMIUM}; .ci/run installs Debian's chromium")
+        pytest.skip("Debian chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with (
+        running_service(stac_index, ServiceConfig(device="cpu")) as url,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('images')")
+        page.fill("#from", "2021-01-01")
+        page.fill("#query", QUERY)
+        page.press("#query", "Enter")
+        page.wait_for_selector("#results .card")
+        ids = page.eval_on_selector_all("#results .card", "cs => cs.map(c => c.dataset.id)")
+        assert len(ids) == 2 * TILES_PER_ITEM
+        assert all("-2021/" in i for i in ids)
+        page.fill("#to", "2019-12-31")
+        page.fill("#from", "")
+        page.dispatch_event("#to", "change")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results .card')].every("
+            "c => c.dataset.id.includes('-2019/'))"
+        )
+        browser.close()
