@@ -385,6 +385,8 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
 
     app.include_router(geo_router(file_item_of, thumbs))
     if isinstance(index, Index):  # a sharded index has no STAC API (yet)
+        # stac-fastapi warns at import that its default settings are used; mount_stac sets them
+        logging.getLogger("stac_fastapi.types.config").setLevel(logging.ERROR)
         from rshash.service.stac import mount_stac
 
         mount_stac(app, index, batcher, filter_threads.run)
