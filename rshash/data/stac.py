@@ -25,6 +25,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -35,7 +36,6 @@ from tqdm import tqdm
 
 from rshash.data.scenes import Scene, SceneTiles, TileConfig, scan_scene
 from rshash.errors import DataError
-from rshash.index.time_filter import rfc3339, time_span
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # one catalog, collection, item or item-collection file
 MAX_ITEMS = 1_000_000  # Items in one catalog
@@ -232,6 +232,30 @@ def _entry(data: dict[str, Any], file: Path, parent: str | None, asset: str | No
     first = item.datetime or start or end
     fields["acquired"] = rfc3339(first)[:10] if first else None
     return StacEntry(item.id, fields["collection"], key, path, href, fields)
+
+
+# the time helpers live here, not in rshash.index.time_filter: importing rshash.index loads torch,
+# and tiling a catalog (Ray workers, benchmarks) must not
+def time_span(
+    instant: datetime | None, start: datetime | None, end: datetime | None
+) -> tuple[float, float]:
+    """An item's (time_start, time_end): its instant twice, else its start and end (an open
+    end stretches to the far past or future)."""
+    if instant is not None:
+        t = _utc(instant).timestamp()
+        return t, t
+    lo = _utc(start).timestamp() if start is not None else -1e12
+    hi = _utc(end).timestamp() if end is not None else 1e12
+    return lo, hi
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def rfc3339(value: datetime) -> str:
+    """`value` in UTC as RFC 3339 with a Z (STAC's form)."""
+    return _utc(value).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def read_catalog(source: str | Path, asset: str | None = None) -> list[StacEntry]:

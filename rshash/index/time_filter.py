@@ -12,7 +12,7 @@ engine and on sharded indexes alike. The parsing is stac-fastapi's (`str_to_inte
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import UTC, datetime
+from datetime import datetime
 
 from rshash.errors import RshashError
 
@@ -90,25 +90,3 @@ def with_datetime(
         return where
     clause = time_where(datetime_text, fields)
     return clause if where is None else f"({where}) and {clause}"
-
-
-def time_span(
-    instant: datetime | None, start: datetime | None, end: datetime | None
-) -> tuple[float, float]:
-    """An item's (time_start, time_end): its instant twice, else its start and end (an open
-    end stretches to the far past or future)."""
-    if instant is not None:
-        t = _utc(instant).timestamp()
-        return t, t
-    lo = _utc(start).timestamp() if start is not None else -1e12
-    hi = _utc(end).timestamp() if end is not None else 1e12
-    return lo, hi
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def rfc3339(value: datetime) -> str:
-    """`value` in UTC as RFC 3339 with a Z (STAC's form)."""
-    return _utc(value).astimezone(UTC).isoformat().replace("+00:00", "Z")
