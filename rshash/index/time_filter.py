@@ -6,7 +6,8 @@ Item's `datetime` twice, or its `start_datetime`/`end_datetime`). An item matche
 meets the interval, ends included, as the STAC API defines it. The filter is a `where`
 expression over those two fields, joined to the user's own with `and`: it is resolved to the
 allowed keys like every filter, so searches stay exact top-k among the matching items, on every
-engine and on sharded indexes alike. The parsing is stac-fastapi's (`str_to_interval`).
+engine and on sharded indexes alike. Timestamps are read by stac-fastapi's RFC 3339 parser;
+a bare date (2021-06-01) stands for that whole UTC day.
 """
 
 from __future__ import annotations
