@@ -13,7 +13,10 @@ overviews, and the 10,752-px one as a 16-bit 4-band COG (`--bands 3,2,1`, percen
   memory is its own); the ratio is the median of the paired ratios (the machine is shared);
 - peak memory (max RSS) of read-and-cut at both scene sizes: flat in scene size is the goal;
 - end to end: `build_index` of the 10,752-px COG with the UCM-trained 64-bit run on CPU
-  (reading, cutting, encoding, committing), tiles/s.
+  (reading, cutting, encoding, committing), tiles/s;
+- STAC in: the 10,752-px COG as the one Item of a STAC catalog (rio-stac, relative hrefs),
+  read-and-cut through `StacTiles(catalog)` (reading and checking the catalog, then as above)
+  against the same read limit.
 Usage: python -m benchmarks.scenes [--run RUN] [--pairs 3]
 """
 
@@ -65,6 +68,8 @@ def stage(name: str, path: Path, bands: tuple[int, ...] | None) -> dict[str, Any
     from rshash.data.scenes import SceneTiles, TileConfig
 
     cfg = TileConfig(bands=bands)
+    if name == "stac_read_and_cut":
+        from rshash.data.stac import StacTiles  # imported before the clock starts, as SceneTiles
     baseline = _peak_mb()
     if name == "read_limit":
         tiles = SceneTiles(path, cfg)  # only for the windows; not timed
@@ -81,7 +86,7 @@ def stage(name: str, path: Path, bands: tuple[int, ...] | None) -> dict[str, Any
         n = len(windows)
     else:
         start = time.perf_counter()
-        tiles = SceneTiles(path, cfg)
+        tiles = StacTiles(path, cfg) if name == "stac_read_and_cut" else SceneTiles(path, cfg)
         scan = time.perf_counter() - start
         for i in range(len(tiles)):
             tiles.load_image(i)
@@ -94,7 +99,7 @@ def stage(name: str, path: Path, bands: tuple[int, ...] | None) -> dict[str, Any
         "peak_mb": _peak_mb(),
         "imports_mb": baseline,
     }
-    if name == "read_and_cut":
+    if name != "read_limit":
         result["scan_seconds"] = scan
     return result
 
@@ -107,20 +112,45 @@ def run_stage(name: str, path: Path, bands: str | None) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def paired(path: Path, bands: str | None, pairs: int) -> dict[str, Any]:
-    """Read-and-cut and its read limit measured in turn, `pairs` times."""
+def stac_catalog(path: Path) -> Path:
+    """A cached STAC catalog whose one Item is the scene at `path` (its asset: the COG)."""
+    from datetime import UTC, datetime
+
+    import pystac
+    from rio_stac import create_stac_item
+
+    out = path.with_name(path.stem + "-stac")
+    if not (out / "catalog.json").exists():
+        item = create_stac_item(
+            str(path), input_datetime=datetime(2021, 6, 1, tzinfo=UTC), id=path.stem,
+            asset_name="visual", asset_roles=["visual"], asset_media_type=pystac.MediaType.COG,
+        )  # fmt: skip
+        catalog = pystac.Catalog(path.stem, "benchmark scene")
+        catalog.add_item(item)
+        catalog.normalize_hrefs(str(out))
+        catalog.make_all_asset_hrefs_relative()
+        catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return out / "catalog.json"
+
+
+def paired(path: Path, bands: str | None, pairs: int, stac: bool = False) -> dict[str, Any]:
+    """Read-and-cut (of the scene, or with `stac` of a catalog holding it) and its read limit
+    measured in turn, `pairs` times."""
     cut, limit = [], []
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
     for _ in range(pairs):
         limit.append(run_stage("read_limit", path, bands))
-        cut.append(run_stage("read_and_cut", path, bands))
+        if stac:
+            cut.append(run_stage("stac_read_and_cut", stac_catalog(path), bands))
+        else:
+            cut.append(run_stage("read_and_cut", path, bands))
     ratios = [c["tiles_per_s"] / lim["tiles_per_s"] for c, lim in zip(cut, limit, strict=True)]
     import rasterio
 
     with rasterio.open(path) as src:
         size = f"{src.width} x {src.height}"
     return {
-        "scene": path.name,
+        "scene": f"{path.name} (STAC Item)" if stac else path.name,
         "size_px": size,
         "bands": bands or "1,2,3",
         "tiles": cut[0]["tiles"],
@@ -158,7 +188,7 @@ def end_to_end(run: Path, path: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--stage", choices=["read_limit", "read_and_cut"])
+    parser.add_argument("--stage", choices=["read_limit", "read_and_cut", "stac_read_and_cut"])
     parser.add_argument("--scene", type=Path)
     parser.add_argument("--bands")
     parser.add_argument("--run", type=Path, default=REPO / ".cache" / "tests" / "ucm-duch64")
@@ -177,6 +207,7 @@ def main() -> None:
         (scene("cog16", 40), "3,2,1"),
     ]
     rows = [paired(path, bands, args.pairs) for path, bands in cases]
+    rows.append(paired(scene("cog", 40), None, args.pairs, stac=True))
     e2e = end_to_end(args.run, scene("cog", 40))
     small, large = rows[0], rows[1]
     records = {

@@ -353,6 +353,15 @@ Bands = Annotated[
 ]
 
 
+Asset = Annotated[
+    str | None,
+    typer.Option(
+        help="DATA is a STAC catalog (.json): the image asset of each Item (default: the first"
+        " GeoTIFF with role visual or data)."
+    ),
+]
+
+
 def _archive(
     data: Path,
     skip_bad: bool,
@@ -360,8 +369,22 @@ def _archive(
     stride: int | None,
     bands: str | None,
     features: Path | None,
+    asset: str | None = None,
 ) -> Any:
-    """The dataset at DATA, or with --tile the tiles of the GeoTIFF scenes at DATA."""
+    """The dataset at DATA, with --tile the tiles of the GeoTIFF scenes at DATA, or the tiles of
+    the Items of the STAC catalog DATA (a .json file; --tile defaults to 256 there)."""
+    from rshash.data.stac import is_stac_file
+
+    if is_stac_file(data):
+        from rshash.data.scenes import TileConfig, parse_bands
+        from rshash.data.stac import StacTiles
+
+        if features is not None:
+            raise RshashError("--features: not with a STAC catalog (tiles are encoded from it)")
+        cfg = TileConfig(tile=tile or 256, stride=stride, bands=parse_bands(bands))
+        return StacTiles(data, cfg, asset, progress=True)
+    if asset is not None:
+        raise RshashError("--asset: only with a STAC catalog (a .json file)")
     if tile is None:
         from rshash.data import load_dataset
 
@@ -379,7 +402,9 @@ def _archive(
 @index_app.command("build")
 def index_build(
     run: Annotated[Path, typer.Argument(help="Trained run directory.")],
-    data: Annotated[Path, typer.Argument(help="Dataset or image folder to index.")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset, image folder, scenes, or a STAC catalog (.json).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Index directory to create.")],
     engine: Annotated[
         str,
@@ -398,6 +423,7 @@ def index_build(
     tile: Tile = None,
     stride: Stride = None,
     bands: Bands = None,
+    asset: Asset = None,
     lock_timeout: LockTimeout = None,
     shards: Annotated[
         int | None,
@@ -419,7 +445,7 @@ def index_build(
 
     check_backend(backend)
     wait = _lock_timeout(lock_timeout)
-    ds = _archive(data, skip_bad, tile, stride, bands, features)
+    ds = _archive(data, skip_bad, tile, stride, bands, features, asset)
     params = {"nprobe": nprobe} if engine == "faiss-ivf" else {}
     cfg = BuildConfig(
         engine=engine,
@@ -445,7 +471,9 @@ def index_build(
 @index_app.command("add")
 def index_add(
     index: Annotated[Path, typer.Argument(help="Index directory.")],
-    data: Annotated[Path, typer.Argument(help="Dataset or image folder to add.")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset, image folder, scenes, or a STAC catalog (.json).")
+    ],
     features: Features = None,
     fields: Fields = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
@@ -455,6 +483,7 @@ def index_add(
     tile: Tile = None,
     stride: Stride = None,
     bands: Bands = None,
+    asset: Asset = None,
     lock_timeout: LockTimeout = None,
 ) -> None:
     """Encode DATA with the index's own model and add it, without rebuilding."""
@@ -463,7 +492,7 @@ def index_add(
 
     check_backend(backend)
     wait = _lock_timeout(lock_timeout)
-    ds = _archive(data, skip_bad, tile, stride, bands, features)
+    ds = _archive(data, skip_bad, tile, stride, bands, features, asset)
     cfg = BuildConfig(image_batch=batch_size, device=device, backend=backend, lock_timeout_s=wait)
     idx, added = add_to_index(index, ds, cfg, features, read_extra_fields(fields, ds.image_ids))
     typer.echo(f"added {added} images")
@@ -634,12 +663,22 @@ def search(
             " box crosses ±180°)."
         ),
     ] = None,
+    datetime: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep items whose time meets this RFC 3339 instant or START/END interval (open"
+            " end: ..), e.g. 2021-06-01/.. (STAC-indexed items)."
+        ),
+    ] = None,
     as_json: AsJson = False,
     device: Device = "auto",
     backend: Backend = "auto",
     output: Annotated[
         str,
-        typer.Option("--format", help="table, json, or geojson (a FeatureCollection for QGIS)."),
+        typer.Option(
+            "--format",
+            help="table, json, geojson (a FeatureCollection for QGIS) or stac (an ItemCollection).",
+        ),
     ] = "table",
     ray_address: RayAddress = None,
 ) -> None:
@@ -650,17 +689,26 @@ def search(
     if (text is None) == (image is None):
         raise RshashError("give either a text query or --image FILE")
     _check_choice("--target", target, ("images", "captions"))
-    _check_choice("--format", output, ("table", "json", "geojson"))
+    _check_choice("--format", output, ("table", "json", "geojson", "stac"))
     if radius is None and k <= 0:
         raise RshashError(f"-k: expected a positive number of results, got {k}")
     box = _bbox(bbox) if bbox is not None else None
     opening = OpenConfig(device=device, backend=check_backend(backend), ray_address=ray_address)
     idx = Searcher(open_index(index, opening))
+    if datetime is not None:
+        from rshash.index.time_filter import with_datetime
+
+        where = with_datetime(where, datetime, idx.index.fields(target))
     if image is not None:
         hits = idx.search_image(image, k, target, radius, where=where, bbox=box)
     else:
         assert text is not None
         hits = idx.search_text(text, k, target, radius, where=where, bbox=box)
+    if output == "stac":
+        from rshash.service.stac_items import item_collection
+
+        typer.echo(json.dumps(item_collection(hits), ensure_ascii=False))
+        return
     if output == "geojson":
         from rshash.service.geojson import feature_collection
 

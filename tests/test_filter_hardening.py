@@ -409,7 +409,7 @@ def test_sharded_filters_check_fields_of_the_union(ucm_run, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         sharded = ShardedIndex(root, timeout=600)  # the first filtered search compiles kernels
-        assert sharded.fields["images"] == {"class", "id", "year"}
+        assert sharded.fields("images") == {"class", "id", "year"}
         q = codes_for(7, 2)
         for where in ("year >= 2010 or class = 'forest'", "year = null", "not (year < 2005)"):
             assert sharded.resolve_filter("images", where, None) is None

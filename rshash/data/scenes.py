@@ -299,7 +299,11 @@ class SceneTiles:
         bar = tqdm(paths, desc="scan scenes", unit="scene", disable=not progress, delay=2.0)
         with warnings.catch_warnings(), bar:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            self.scenes = [scan_scene(p, self.cfg) for p in bar]
+            self._set_scenes([scan_scene(p, self.cfg) for p in bar])
+
+    def _set_scenes(self, scenes: list[Scene]) -> None:
+        """Take the scanned scenes: tile ids `SCENE/rROW_cCOL`, in scene order."""
+        self.scenes = scenes
         self._ends = np.cumsum([len(s) for s in self.scenes])
         self.image_ids = tuple(
             f"{s.name}/r{r}_c{c}" for s in self.scenes for r, c in zip(s.rows, s.cols, strict=True)

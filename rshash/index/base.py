@@ -16,6 +16,7 @@ from PIL import Image
 
 from rshash.errors import RshashError
 from rshash.index.encoder import CodeEncoder, decode_image
+from rshash.index.time_filter import with_datetime
 
 MAX_K = 10_000
 BBox = tuple[float, float, float, float]
@@ -121,6 +122,9 @@ class CodeIndex(Protocol):
     def sources(self) -> list[dict[str, Any]]:
         """What was indexed, commit by commit (roots of the served files)."""
 
+    def fields(self, collection: str = "images") -> frozenset[str]:
+        """The record fields a `where` filter may name in `collection`."""
+
     def refresh(self) -> bool:
         """Switch to the newest committed generation; True if it changed."""
 
@@ -166,9 +170,13 @@ class Searcher:
         *,
         where: str | None = None,
         bbox: BBox | None = None,
+        datetime: str | None = None,
     ) -> list[Hit]:
+        """Nearest items to a text; `datetime` (RFC 3339 instant or interval) filters by time
+        like `where` (see `time_filter`)."""
         if not query.strip():
             raise RshashError("empty text query")
+        where = self._with_datetime(where, datetime, collection)
         codes = self.encoder.encode_texts([query])
         return self.index.search_codes(codes, k, collection, radius, **filter_args(where, bbox))[0]
 
@@ -181,7 +189,9 @@ class Searcher:
         *,
         where: str | None = None,
         bbox: BBox | None = None,
+        datetime: str | None = None,
     ) -> list[Hit]:
+        where = self._with_datetime(where, datetime, collection)
         if isinstance(image, str | Path):
             path = Path(image)
             if not path.is_file():
@@ -191,6 +201,14 @@ class Searcher:
             image = decode_image(image)
         codes = self.encoder.encode_images([image])
         return self.index.search_codes(codes, k, collection, radius, **filter_args(where, bbox))[0]
+
+    def _with_datetime(
+        self, where: str | None, datetime: str | None, collection: str
+    ) -> str | None:
+        """`where` joined with the time filter `datetime` (checked against the index's fields)."""
+        if datetime is None:
+            return where
+        return with_datetime(where, datetime, self.index.fields(collection))
 
 
 class Queries:
@@ -206,9 +224,12 @@ class Queries:
         *,
         where: str | None = None,
         bbox: BBox | None = None,
+        datetime: str | None = None,
     ) -> list[Hit]:
         searcher = Searcher(self)  # type: ignore[arg-type]
-        return searcher.search_text(query, k, collection, radius, where=where, bbox=bbox)
+        return searcher.search_text(
+            query, k, collection, radius, where=where, bbox=bbox, datetime=datetime
+        )
 
     def search_image(
         self,
@@ -219,6 +240,9 @@ class Queries:
         *,
         where: str | None = None,
         bbox: BBox | None = None,
+        datetime: str | None = None,
     ) -> list[Hit]:
         searcher = Searcher(self)  # type: ignore[arg-type]
-        return searcher.search_image(image, k, collection, radius, where=where, bbox=bbox)
+        return searcher.search_image(
+            image, k, collection, radius, where=where, bbox=bbox, datetime=datetime
+        )

@@ -63,6 +63,7 @@ RESERVED_FIELDS = frozenset(
     {
         "id", "image", "path", "captions", "text", "dataset", "scene", "window", "bands",
         "stretch", "crs", "footprint", "footprint_wgs84", "bounds_wgs84", "resolution_m",
+        "stac_item", "asset_href", "time_start", "time_end",
     }
 )  # fmt: skip
 
@@ -71,7 +72,8 @@ def source_entry(ds: ImageSource, **extra: Any) -> dict[str, Any]:
     """The manifest's record of an archive added to an index: its name, the path given, and the
     resolved folder its files lie under (the service serves files from there only)."""
     given = Path(ds.source).resolve()
-    root = given if given.is_dir() else given.parent
+    # a STAC catalog's `root` holds it and its assets; anything else lies under its own folder
+    root = Path(getattr(ds, "root", None) or (given if given.is_dir() else given.parent))
     return {"dataset": ds.name, "path": str(ds.source), "root": str(root), **extra}
 
 

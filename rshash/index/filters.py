@@ -8,13 +8,14 @@ Grammar (keywords are case-insensitive)::
     compare := FIELD ("=" | "==" | "!=" | "<" | "<=" | ">" | ">=") VALUE
              | FIELD ["not"] "in" "(" VALUE ("," VALUE)* ")"
     VALUE   := "string" | 'string' | number | true | false | null
-    FIELD   := name ("." name)*        (name: letters, digits, _ and -, not starting with a digit)
+    FIELD   := name ("." name)*        (name: letters, digits, _ - :, not starting with a digit)
 
 `id`, `image`, `path`, `class` and `dataset` are columns (the last two indexed); any other field is
 looked up in the record (`year`, `window.row`). `= null` / `!= null` test for a missing value.
 Values are bound as SQL parameters and field names are checked against the grammar, so no user
 text ever becomes SQL. Examples: `class = "parking" and year >= 2010`,
-`dataset in ("ucm", "rsscn7")`, `not (class = "river" or cloud > 0.2)`.
+`dataset in ("ucm", "rsscn7")`, `not (class = "river" or cloud > 0.2)`, `eo:cloud_cover < 10`
+(STAC property names keep their prefix).
 
 Any text is safe to hand in: it is scanned once (linear time), the limits below bound its size,
 nesting, lists and numbers, a field the index does not hold is an error that lists those it
@@ -48,7 +49,7 @@ _TOKEN = re.compile(
     (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
   | (?P<number>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)
   | (?P<op>==|!=|<=|>=|=|<|>|\(|\)|,)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_\-:]*(?:\.[A-Za-z_][A-Za-z0-9_\-:]*)*)
     )""",
     re.VERBOSE,
 )

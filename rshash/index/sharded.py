@@ -536,10 +536,9 @@ class ShardedIndex(Queries):
     def names(self) -> list[str]:
         return list(self._view.names)
 
-    @property
-    def fields(self) -> dict[str, frozenset[str]]:
-        """Per collection, the record fields of any shard (what a `where` filter may name)."""
-        return dict(self._view.fields)
+    def fields(self, collection: str = "images") -> frozenset[str]:
+        """The record fields of a collection in any shard (what a `where` filter may name)."""
+        return self._view.fields.get(collection, frozenset())
 
     @property
     def manifests(self) -> list[dict[str, Any]]:

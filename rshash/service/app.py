@@ -45,6 +45,7 @@ from rshash.index.filters import check_text
 from rshash.index.opening import OpenConfig
 from rshash.index.opening import open_index as open_any_index
 from rshash.index.sharded import ShardUnavailable
+from rshash.index.time_filter import with_datetime
 from rshash.service.batcher import BatchConfig, Batcher, QueueFull
 from rshash.service.body_limit import BodyLimit
 from rshash.service.geo_routes import geo_router, render, tile_png
@@ -99,6 +100,12 @@ class TextQuery(BaseModel):
     )
     format: Literal["json", "geojson"] = Field(
         default="json", description="geojson: the results as a FeatureCollection (QGIS opens it)."
+    )
+    datetime: str | None = Field(
+        default=None,
+        max_length=100,
+        description="RFC 3339 instant or START/END interval (open end: ..) the items' time"
+        " must meet (STAC-indexed items).",
     )
 
 
@@ -210,6 +217,12 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
             field = "where" if where is not None else "bbox"
             raise HTTPException(422, f"{field}: this index does not support filters")
 
+    def timed_where(where: str | None, datetime: str | None, collection: str) -> str | None:
+        """`where` joined with the request's time filter (see `index.time_filter`)."""
+        if datetime is None or not datetime.strip():
+            return where
+        return with_datetime(where, datetime, index.fields(collection))
+
     def busy(exc: QueueFull) -> HTTPException:
         metrics.shed.inc()
         return HTTPException(
@@ -317,9 +330,11 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         if not q.query.strip():
             raise RshashError("empty text query")
         box = _checked_bbox(q.bbox)
-        check_options(q.k, q.where, box)
-        hits = await search(SearchRequest(q.k, q.collection, None, q.where, box, text=q.query))
-        extra = {n: v for n, v in (("where", q.where), ("bbox", box)) if v is not None}
+        where = timed_where(q.where, q.datetime, q.collection)
+        check_options(q.k, where, box)
+        hits = await search(SearchRequest(q.k, q.collection, None, where, box, text=q.query))
+        given = (("where", q.where), ("bbox", box), ("datetime", q.datetime))
+        extra = {n: v for n, v in given if v is not None}
         return answer(hits, q.format, query=q.query, k=q.k, collection=q.collection, **extra)
 
     @app.post("/search/image")
@@ -330,8 +345,10 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         where: Annotated[str | None, Form(description="Filter expression.")] = None,
         bbox: Annotated[str | None, Form(description="minlon,minlat,maxlon,maxlat")] = None,
         format: Annotated[Literal["json", "geojson"], Form()] = "json",
+        datetime: Annotated[str | None, Form(description="RFC 3339 instant or interval")] = None,
     ) -> Response:
         box = _checked_bbox(bbox)
+        where = timed_where(where, datetime, collection)
         check_options(k, where, box)
         if file.content_type not in IMAGE_TYPES:
             raise HTTPException(
@@ -367,4 +384,9 @@ def create_app(index_path: str | Path, config: ServiceConfig | None = None) -> F
         return item_of(item_id)
 
     app.include_router(geo_router(file_item_of, thumbs))
+    # stac-fastapi warns at import that its default settings are used; mount_stac sets them
+    logging.getLogger("stac_fastapi.types.config").setLevel(logging.ERROR)
+    from rshash.service.stac import mount_stac
+
+    mount_stac(app, index, batcher, filter_threads.run)
     return app
