@@ -172,9 +172,9 @@ class MIHEngine(ExactEngine):
         self._tables: Tables | None = None
         self._full = True
         self._mask: tuple[np.ndarray | None, np.ndarray, int] = (None, self._bits, 0)
-        # The last search's buckets and candidates per query, and which queries the scan
-        # answered (for benchmarks and tests: concurrent searches overwrite them).
-        self.work = np.zeros((0, 2), np.int64)
+        # The last search's buckets, candidates and full codes read per query, and which
+        # queries the scan answered (for benchmarks and tests: concurrent searches overwrite).
+        self.work = np.zeros((0, 3), np.int64)
         self.scanned = np.zeros(0, bool)
 
     def params(self) -> dict[str, Any]:
@@ -259,7 +259,7 @@ class MIHEngine(ExactEngine):
             t = self._tables
             plan = None if t is None or k > self.max_k else self._plan(allowed)
             if t is None or plan is None or not len(q):
-                self.work, self.scanned = np.zeros((len(q), 2), np.int64), np.ones(len(q), bool)
+                self.work, self.scanned = np.zeros((len(q), 3), np.int64), np.ones(len(q), bool)
                 return self._scan(q, k, allowed)
             args = (*t.arrays(), self._words, *plan, self._budget())
             held = self._keys  # positions in `t` index these keys (keys are only appended)

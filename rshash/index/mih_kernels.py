@@ -10,8 +10,9 @@ every item within m·r' + j after that step; k-NN stops once its k-th distance i
 Each table row holds the item's position (uint32) and a 32-bit sketch: the code's bits that
 follow substring j (cyclically, none of substring j's own). A candidate met in bucket b at r' is
 at least r' + popcount(sketch ^ query's sketch) from the query (disjoint bits), so most
-candidates are rejected by one sequential 4-byte read; only those under the k-th distance read
-their full code from the archive (word-major, one cache miss per word). This costs 8 bytes per
+candidates are rejected by one sequential 4-byte read (a bucket's bounds in one branch-free pass
+into a bit mask per 64 rows); only those within the k-th distance read their full code from the
+archive (word-major, one cache miss per word). This costs 8 bytes per
 item and table instead of a full code copy (12 bytes per table at 64 bits), at the price of a
 miss for the few that pass.
 Buckets are probed in chunks: their offsets and first rows are prefetched a chunk ahead, so the
@@ -34,7 +35,8 @@ from rshash.index.kernels import FAR, NO_ITEM, _popcount, _trailing_zeros
 MAX_SUBSTRING = 24  # bits: direct-addressed buckets, 2^24 offsets (64 MiB) per table at most
 SKETCH = 32  # bits of each row's sketch (uint32)
 CHUNK = 32  # buckets whose offsets and first rows are prefetched together
-PROBE = 2  # work units (candidates) a bucket costs: its prefetched offsets and first row
+PROBE = 16  # work units (candidates) a bucket costs: its offsets' and rows' cache misses, measured
+# 130 ns against 8 ns per candidate under load (benchmarks/results/mih.md)
 
 
 @intrinsic
@@ -231,7 +233,7 @@ def _insert(best_d, best_p, d, p):
 @njit(inline="always")
 def _fill_chunk(offsets, sketch, j, qsj, rp, mask, limit, chunk):
     """The next buckets at exactly rp from qsj (from `mask` on) into chunk, their offsets and
-    first rows prefetched; returns (count, the mask to continue from)."""
+    rows prefetched; returns (count, the mask to continue from)."""
     c = 0
     while c < chunk.shape[0] and mask < limit:
         b = np.int64(qsj ^ mask)
@@ -240,9 +242,8 @@ def _fill_chunk(offsets, sketch, j, qsj, rp, mask, limit, chunk):
         c += 1
         mask = limit if rp == 0 else _next_mask(mask)
     for i in range(c):
-        a0 = offsets[j, chunk[i]]
-        _prefetch(sketch, (j, a0))
-        _prefetch(sketch, (j, a0 + 16))
+        for t in range(np.int64(offsets[j, chunk[i]]), np.int64(offsets[j, chunk[i] + 1]), 16):
+            _prefetch(sketch, (j, t))
     return c, mask
 
 
@@ -250,7 +251,8 @@ def _fill_chunk(offsets, sketch, j, qsj, rp, mask, limit, chunk):
 def knn_one(q, k, starts, lens, offsets, pos, sketch, words, allowed, full, budget, best_d, best_p,
             work):  # fmt: skip
     """Exact top-k of one query into best_d/best_p (sorted by (distance, position), padded with
-    (FAR, -1)); work[0], work[1] count the buckets probed and candidates met. Returns False
+    (FAR, -1)); work[0], work[1], work[2] count the buckets probed, the candidates met and those
+    whose full code was read (past their sketch's bound). Returns False
     once PROBE · buckets + candidates passes `budget` (the caller then scans instead)."""
     m = starts.shape[0]
     qs = _query_substrings(q, starts, lens)
@@ -269,7 +271,7 @@ def knn_one(q, k, starts, lens, offsets, pos, sketch, words, allowed, full, budg
                 continue
             limit = np.uint64(1) << np.uint64(length)
             mask = (np.uint64(1) << np.uint64(rp)) - np.uint64(1)
-            cur = 0
+            cur, qkj = 0, qk[j]
             c, mask = _fill_chunk(offsets, sketch, j, qs[j], rp, mask, limit, chunks[0])
             while c:
                 nxt = 0
@@ -282,18 +284,26 @@ def knn_one(q, k, starts, lens, offsets, pos, sketch, words, allowed, full, budg
                     a0, a1 = np.int64(offsets[j, b]), np.int64(offsets[j, b + 1])
                     work[0] += 1
                     work[1] += a1 - a0
-                    for t in range(a0, a1):
-                        if rp + np.int64(_popcount(np.uint64(sketch[j, t]) ^ qk[j])) > kth:
-                            continue
-                        p = np.int64(pos[j, t])
-                        d = _distance(words, p, q)
-                        if d > kth or (d == kth and p > best_p[k - 1] >= 0):
-                            continue
-                        if not full and not _allowed(allowed, p):
-                            continue
-                        if _first_seen(words, p, j, rp, qs, starts, lens):
-                            _insert(best_d, best_p, d, p)
-                            kth = best_d[k - 1]
+                    for g in range(a0, a1, 64):  # sketch bounds of 64 rows, then their passes
+                        if kth < rp:
+                            break
+                        passed = np.uint64(0)
+                        for t in range(g, min(a1, g + 64)):
+                            near = np.int64(_popcount(np.uint64(sketch[j, t]) ^ qkj)) <= kth - rp
+                            passed |= np.uint64(near) << np.uint64(t - g)
+                        while passed:
+                            t = g + np.int64(_trailing_zeros(passed))
+                            passed &= passed - np.uint64(1)
+                            p = np.int64(pos[j, t])
+                            d = _distance(words, p, q)
+                            work[2] += 1
+                            if d > kth or (d == kth and p > best_p[k - 1] >= 0):
+                                continue
+                            if not full and not _allowed(allowed, p):
+                                continue
+                            if _first_seen(words, p, j, rp, qs, starts, lens):
+                                _insert(best_d, best_p, d, p)
+                                kth = best_d[k - 1]
                     if PROBE * work[0] + work[1] > budget:
                         return False
                 c, cur = nxt, 1 - cur
@@ -307,7 +317,7 @@ def knn_serial(queries, k, starts, lens, offsets, pos, sketch, words, allowed, f
     out_d = np.full((nq, k), FAR, np.int64)
     out_p = np.full((nq, k), NO_ITEM, np.int64)
     ok = np.empty(nq, np.bool_)
-    work = np.zeros((nq, 2), np.int64)
+    work = np.zeros((nq, 3), np.int64)
     for i in range(nq):
         ok[i] = knn_one(
             queries[i], k, starts, lens, offsets, pos, sketch, words, allowed, full, budget,
@@ -323,7 +333,7 @@ def knn_parallel(queries, k, starts, lens, offsets, pos, sketch, words, allowed,
     out_d = np.full((nq, k), FAR, np.int64)
     out_p = np.full((nq, k), NO_ITEM, np.int64)
     ok = np.empty(nq, np.bool_)
-    work = np.zeros((nq, 2), np.int64)
+    work = np.zeros((nq, 3), np.int64)
     for i in prange(nq):
         ok[i] = knn_one(
             queries[i], k, starts, lens, offsets, pos, sketch, words, allowed, full, budget,
