@@ -255,6 +255,8 @@ def fit_costs(records: list[dict]) -> dict[str, float]:
         if r["engine"] == "mih" and r["batch"] == 1 and r.get("scanned_share") == 0
         and "call_us" in r
     ]  # fmt: skip
+    if not probed:
+        return {"t_call": 0.0, "t_bucket": 0.0, "t_candidate": 0.0, "t_verify": 0.0}
     t_call = float(np.median([r["call_us"] for r in probed])) * 1e-6
     rows = [
         [r[f"{w}_per_query"] * r["qps"] for w in ("buckets", "candidates", "verified")]
