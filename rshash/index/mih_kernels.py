@@ -35,8 +35,8 @@ from rshash.index.kernels import FAR, NO_ITEM, _popcount, _trailing_zeros
 MAX_SUBSTRING = 24  # bits: direct-addressed buckets, 2^24 offsets (64 MiB) per table at most
 SKETCH = 32  # bits of each row's sketch (uint32)
 CHUNK = 32  # buckets whose offsets and first rows are prefetched together
-PROBE = 16  # work units (candidates) a bucket costs: its offsets' and rows' cache misses, measured
-# 130 ns against 8 ns per candidate under load (benchmarks/results/mih.md)
+PROBE = 8  # work units (candidates) a bucket costs in the budget: at 16 (the ratio of the unit
+# costs fitted under load) every top-100 query at 1e7 codes passed it and was scanned again
 
 
 @intrinsic
