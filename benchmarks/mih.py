@@ -427,7 +427,7 @@ def markdown(records: list[dict], costs: dict[str, float], histograms: list[str]
                 model_speedup = 1e3 / r["exact_qps"] / model
         rows.append(
             [
-                r["engine"],
+                r["engine"] + (" (earlier run)" if r.get("kept_from_earlier_run") else ""),
                 r["codes"],
                 f"{r['n']:.0e}",
                 str(r["bits"]),
@@ -466,6 +466,7 @@ def markdown(records: list[dict], costs: dict[str, float], histograms: list[str]
         "memory × = "
         "(codes + tables) ÷ codes. scanned: share of queries whose probing passed the budget "
         "and were answered by the scan (their time counts in q/s, not in the model). "
+        "(earlier run): a peer row kept from the previous table (--keep-peers), not re-measured. "
         "Machine threads: "
         f"{numba.get_num_threads()}; {machine()}.\n\n"
         "Realistic codes: real 64-bit codes of UCM + RSSCN7 images, bits flipped with p:\n"
@@ -489,6 +490,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--run", type=Path, default=CACHE_TESTS / "ucm-duch64")
     parser.add_argument("--quick", action="store_true", help="1e6 codes, no peers or store row.")
+    parser.add_argument(
+        "--keep-peers", action="store_true",
+        help="With --peer-n 0: keep the peer rows (FAISS, usearch) of the saved mih.json.",
+    )  # fmt: skip
     parser.add_argument(
         "--render", action="store_true", help="Only rewrite mih.md from results/mih.json."
     )
@@ -525,6 +530,9 @@ def main() -> None:
             if kind == "realistic":
                 p = calibrate(real, args.peer_n, float(real_nn(real).mean()))[0]
             records += peers(kind, args.peer_n, 64, real, p)
+    if args.keep_peers and not args.peer_n:
+        saved = json.loads((RESULTS / "mih.json").read_text())["records"]
+        records += [{**r, "kept_from_earlier_run": True} for r in saved if "recall" in r]
     if args.store_n:
         records.append(store_row(args.store_n, args.run))
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]

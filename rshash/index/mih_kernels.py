@@ -37,6 +37,8 @@ SKETCH = 32  # bits of each row's sketch (uint32)
 CHUNK = 32  # buckets whose offsets and first rows are prefetched together
 PROBE = 8  # work units (candidates) a bucket costs in the budget: at 16 (the ratio of the unit
 # costs fitted under load) every top-100 query at 1e7 codes passed it and was scanned again
+VERIFY = 8  # work units a full code read costs (a random archive read; at 128 bits nearly every
+# candidate passes its sketch's bound, and uncounted they made a cut query cost 5-12 scans)
 
 
 @intrinsic
@@ -252,8 +254,8 @@ def knn_one(q, k, starts, lens, offsets, pos, sketch, words, allowed, full, budg
             work):  # fmt: skip
     """Exact top-k of one query into best_d/best_p (sorted by (distance, position), padded with
     (FAR, -1)); work[0], work[1], work[2] count the buckets probed, the candidates met and those
-    whose full code was read (past their sketch's bound). Returns False
-    once PROBE · buckets + candidates passes `budget` (the caller then scans instead)."""
+    whose full code was read (past their sketch's bound). Returns False once
+    PROBE · buckets + candidates + VERIFY · full reads passes `budget` (the caller then scans)."""
     m = starts.shape[0]
     qs = _query_substrings(q, starts, lens)
     qk = _query_sketches(q, starts, lens)
@@ -304,7 +306,7 @@ def knn_one(q, k, starts, lens, offsets, pos, sketch, words, allowed, full, budg
                             if _first_seen(words, p, j, rp, qs, starts, lens):
                                 _insert(best_d, best_p, d, p)
                                 kth = best_d[k - 1]
-                    if PROBE * work[0] + work[1] > budget:
+                    if PROBE * work[0] + work[1] + VERIFY * work[2] > budget:
                         return False
                 c, cur = nxt, 1 - cur
     return True
