@@ -48,8 +48,9 @@ from rshash.index.engines import ExactEngine, Hits, _order
 from rshash.index.packing import aligned_empty, query_words
 
 FILTER_SCAN = 16  # a filter keeping under 1/16 of the items is scanned, not probed
-SCAN_UNITS = 16  # codes (per word) scanned in the time of 1 candidate verified, measured ~13:
-# probing stops near the scan's cost (a bucket costs PROBE candidates; benchmarks/results/mih.md)
+SCAN_UNITS = 8  # codes (per word) scanned in the time of 1 candidate met (sketch bound), measured
+# ~7 under load (8 ns against 1.2 ns): probing stops near the scan's cost (a bucket costs PROBE
+# candidates, a full code read VERIFY; benchmarks/results/mih.md)
 MIN_BUDGET = 4096  # work units below which probing is never cut short
 AUTO_MIN_ITEMS = 2_000_000  # auto: codes from which tables are built
 AUTO_MAX_K = 100  # auto: largest k probed
