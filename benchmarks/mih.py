@@ -10,8 +10,9 @@ default), k = 1, 20, 100, one query at a time and batches of 256, two code distr
 Every record: queries/s of mih and of the exact scan in the same run and their ratio, whether
 every hit equals exact's (keys and distances, in order), buckets probed and candidates verified
 per query, memory (codes + tables) / codes, build time, and the paper's cost model: buckets ×
-t_bucket + candidates × t_candidate + t_call, the unit costs fitted (least squares of relative
-error) to this run's one-at-a-time query times, beside the measured time.
+t_bucket + candidates × t_candidate + full code reads × t_verify + t_call, t_call measured
+directly, the other unit costs fitted to this run's one-at-a-time query times, beside the
+measured time.
 Peers (k = 20, at --peer-n codes: an HNSW build of 1e7 codes takes hours on 2 cores): FAISS
 IndexBinaryMultiHash (4 × 16-bit tables per 64 bits, nflip 1), IndexBinaryHNSW (M 16) and
 usearch (Hamming, b1), with tie-aware recall@20 against exact. One row through the whole store
@@ -141,6 +142,13 @@ def single_times(engine: Engine, queries: np.ndarray, k: int) -> tuple[np.ndarra
     return np.array(times), (np.stack(dist), np.stack(keys)), np.array(work)
 
 
+def call_time(engine: Engine, items: np.ndarray) -> float:
+    """Median seconds of a one-at-a-time top-1 search for an archived code: one bucket, one
+    candidate, so the rest is the call's fixed cost (checks, lock, allocation, key lookup)."""
+    engine.search(items[:1], 1)
+    return float(np.median(single_times(engine, items, 1)[0]))
+
+
 def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[str]) -> list:
     rng = np.random.default_rng(2)
     if kind == "uniform":
@@ -165,6 +173,7 @@ def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[
     build_s = time.perf_counter() - start
     mem = engine.memory()
     memory_ratio = (mem["codes"] + mem["tables"]) / mem["codes"]
+    call_s = call_time(engine, archive[:SINGLE].copy())
     del archive
     records = []
     for k in KS:
@@ -196,10 +205,12 @@ def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[
                 "exact_equal": equal,
                 "buckets_per_query": float(work[:, 0].mean()),
                 "candidates_per_query": float(work[:, 1].mean()),
-                "scanned_share": float(work[:, 2].mean()),
+                "verified_per_query": float(work[:, 2].mean()),
+                "scanned_share": float(work[:, 3].mean()),
                 "memory_ratio": round(memory_ratio, 2),
                 "build_s": round(build_s, 1),
                 "m": int(engine._tables.m) if engine._tables is not None else 0,
+                "call_us": round(call_s * 1e6, 2),
             }
         )
         batch = queries[:BATCH]
@@ -216,6 +227,7 @@ def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[
                 ),
                 "buckets_per_query": float(work_b[:, 0].mean()),
                 "candidates_per_query": float(work_b[:, 1].mean()),
+                "verified_per_query": float(work_b[:, 2].mean()),
                 "scanned_share": float(engine.scanned.mean()),
                 "memory_ratio": round(memory_ratio, 2),
                 "build_s": round(build_s, 1),
@@ -232,16 +244,32 @@ def run_config(kind: str, n: int, bits: int, real: np.ndarray, histograms: list[
 
 
 def fit_costs(records: list[dict]) -> dict[str, float]:
-    """t_call, t_bucket, t_candidate (seconds): least squares of relative error over the mean
-    one-at-a-time query time of every configuration answered by probing alone."""
-    rows, times = [], []
-    for r in records:
-        if r["engine"] == "mih" and r["batch"] == 1 and r.get("scanned_share") == 0:
-            t = 1 / r["qps"]
-            rows.append([1 / t, r["buckets_per_query"] / t, r["candidates_per_query"] / t])
-            times.append(1.0)
-    coef = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
-    return {"t_call": float(coef[0]), "t_bucket": float(coef[1]), "t_candidate": float(coef[2])}
+    """t_call (measured: the median `call_us`), then t_bucket, t_candidate, t_verify (seconds,
+    non-negative least squares of relative error) over the mean one-at-a-time query time, less
+    t_call, of every configuration answered by probing alone."""
+    from scipy.optimize import nnls
+
+    probed = [
+        r
+        for r in records
+        if r["engine"] == "mih" and r["batch"] == 1 and r.get("scanned_share") == 0
+        and "call_us" in r
+    ]  # fmt: skip
+    if not probed:
+        return {"t_call": 0.0, "t_bucket": 0.0, "t_candidate": 0.0, "t_verify": 0.0}
+    t_call = float(np.median([r["call_us"] for r in probed])) * 1e-6
+    rows = [
+        [r[f"{w}_per_query"] * r["qps"] for w in ("buckets", "candidates", "verified")]
+        for r in probed
+    ]
+    times = [1 - t_call * r["qps"] for r in probed]
+    coef = nnls(np.array(rows), np.array(times))[0]
+    return {
+        "t_call": t_call,
+        "t_bucket": float(coef[0]),
+        "t_candidate": float(coef[1]),
+        "t_verify": float(coef[2]),
+    }
 
 
 def peers(kind: str, n: int, bits: int, real: np.ndarray, p: float | None) -> list[dict]:
@@ -381,8 +409,8 @@ def _fmt(v: Any, spec: str = "") -> str:
 def markdown(records: list[dict], costs: dict[str, float], histograms: list[str]) -> str:
     header = [
         "engine", "codes", "N", "bits", "k", "batch", "q/s", "exact q/s", "speedup", "equal",
-        "recall", "buckets/q", "cand./q", "scanned", "model ms", "measured ms", "model speedup",
-        "memory ×", "build s",
+        "recall", "buckets/q", "cand./q", "full reads/q", "scanned", "model ms", "measured ms",
+        "model speedup", "memory ×", "build s",
     ]  # fmt: skip
     rows = []
     for r in records:
@@ -392,13 +420,14 @@ def markdown(records: list[dict], costs: dict[str, float], histograms: list[str]
                 costs["t_call"]
                 + costs["t_bucket"] * r["buckets_per_query"]
                 + costs["t_candidate"] * r["candidates_per_query"]
+                + costs["t_verify"] * r.get("verified_per_query", 0)
             )
             measured = 1e3 / r["qps"] if r["batch"] == 1 else None
             if r["batch"] == 1 and r.get("scanned_share", 0) == 0:
                 model_speedup = 1e3 / r["exact_qps"] / model
         rows.append(
             [
-                r["engine"],
+                r["engine"] + (" (earlier run)" if r.get("kept_from_earlier_run") else ""),
                 r["codes"],
                 f"{r['n']:.0e}",
                 str(r["bits"]),
@@ -411,6 +440,7 @@ def markdown(records: list[dict], costs: dict[str, float], histograms: list[str]
                 _fmt(r.get("recall"), ".3f"),
                 _fmt(r.get("buckets_per_query"), ".0f"),
                 _fmt(r.get("candidates_per_query"), ".0f"),
+                _fmt(r.get("verified_per_query"), ".0f"),
                 _fmt(r.get("scanned_share"), ".2f"),
                 _fmt(model, ".3f"),
                 _fmt(measured, ".3f"),
@@ -424,12 +454,19 @@ def markdown(records: list[dict], costs: dict[str, float], histograms: list[str]
         "Codes only through the Engine API (the last row: through `Index.search_codes`). "
         "speedup = mih q/s ÷ exact q/s measured in the same run; equal: every hit of mih equals "
         "exact's (keys and distances, in order) on the queries both answered. "
-        "Cost model (the paper's): buckets × t_bucket + candidates × t_candidate + t_call, unit "
-        f"costs fitted to this run's one-at-a-time queries: t_bucket {costs['t_bucket'] * 1e9:.1f}"
-        f" ns, t_candidate {costs['t_candidate'] * 1e9:.2f} ns, t_call "
-        f"{costs['t_call'] * 1e6:.1f} µs; model speedup = exact ms ÷ model ms. memory × = "
+        "Cost model (the paper's, plus the archive reads of candidates past their sketch's bound):"
+        " buckets × t_bucket + candidates × t_candidate + full reads × t_verify + t_call; t_call "
+        "measured (median one-at-a-time top-1 search for an archived code: one bucket), the "
+        "others fitted (non-negative least squares of relative error) to this run's "
+        f"one-at-a-time queries: t_bucket {costs['t_bucket'] * 1e9:.1f} ns, t_candidate "
+        f"{costs['t_candidate'] * 1e9:.2f} ns, t_verify {costs.get('t_verify', 0) * 1e9:.1f} ns, "
+        f"t_call {costs['t_call'] * 1e6:.1f} µs; model speedup = exact ms ÷ model ms. "
+        "The machine is shared with other jobs: absolute q/s drift with their load, mih and "
+        "exact are measured in turns in the same run, so the speedup is the figure to read. "
+        "memory × = "
         "(codes + tables) ÷ codes. scanned: share of queries whose probing passed the budget "
         "and were answered by the scan (their time counts in q/s, not in the model). "
+        "(earlier run): a peer row kept from the previous table (--keep-peers), not re-measured. "
         "Machine threads: "
         f"{numba.get_num_threads()}; {machine()}.\n\n"
         "Realistic codes: real 64-bit codes of UCM + RSSCN7 images, bits flipped with p:\n"
@@ -453,6 +490,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--run", type=Path, default=CACHE_TESTS / "ucm-duch64")
     parser.add_argument("--quick", action="store_true", help="1e6 codes, no peers or store row.")
+    parser.add_argument(
+        "--keep-peers", action="store_true",
+        help="With --peer-n 0: keep the peer rows (FAISS, usearch) of the saved mih.json.",
+    )  # fmt: skip
     parser.add_argument(
         "--render", action="store_true", help="Only rewrite mih.md from results/mih.json."
     )
@@ -489,6 +530,9 @@ def main() -> None:
             if kind == "realistic":
                 p = calibrate(real, args.peer_n, float(real_nn(real).mean()))[0]
             records += peers(kind, args.peer_n, 64, real, p)
+    if args.keep_peers and not args.peer_n:
+        saved = json.loads((RESULTS / "mih.json").read_text())["records"]
+        records += [{**r, "kept_from_earlier_run": True} for r in saved if "recall" in r]
     if args.store_n:
         records.append(store_row(args.store_n, args.run))
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]

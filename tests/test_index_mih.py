@@ -17,7 +17,7 @@ import pytest
 from rshash.errors import RshashError
 from rshash.index import Index, make_engine, mih, pack_codes
 from rshash.index.maintenance import check_index
-from rshash.index.packing import code_bytes
+from rshash.index.packing import code_bytes, query_words
 from tests.conftest import REPO, rshash_cli
 from tests.index_writer import codes_for
 
@@ -311,3 +311,36 @@ def test_single_queries_probe_concurrently(monkeypatch):
         found = list(pool.map(lambda q: fast.search(q[None], 20), queries[:2]))
     for q, got in zip(queries[:2], found, strict=True):
         _same(exact.search(q[None], 20), got)
+
+
+@pytest.mark.parametrize(("bits", "m"), [(8, 1), (40, 2), (64, 3), (100, 5), (200, 9)])
+def test_sketch_bound_counts_each_of_its_bits_once(bits, m):
+    """Each row's bound (its substring's distance + its sketch's) is the distance over exactly
+    substring j's bits and the up-to-32 bits after them (cyclically), hence never above the full
+    distance. Guards the bound's exactness: a sketch sharing bits with its own substring, or
+    misplaced across a word or the code's end, would count bits twice and drop true hits. Also
+    guards the memory: 8 bytes per item and table beside the offsets (no code copies)."""
+    rng = np.random.default_rng(bits)
+    codes, queries = _codes(rng, 2000, bits), _codes(rng, 10, bits)
+    fast = make_engine("mih", bits, {"substrings": m})
+    fast.add(codes, np.arange(len(codes), dtype=np.int64))
+    t, kernels = fast._tables, mih.mih_kernels
+    assert t.nbytes == t.offsets.nbytes + 8 * t.m * len(codes)
+    span = int(t.starts[-1] + t.lens[-1])
+    subs = np.array([kernels._query_substrings(w, t.starts, t.lens) for w in query_words(codes)])
+    item_bits = np.unpackbits(codes, axis=1, bitorder="little")
+    query_bits = np.unpackbits(queries, axis=1, bitorder="little")
+    for q, q_bits in zip(query_words(queries), query_bits, strict=True):
+        differ = item_bits != q_bits
+        qs = kernels._query_substrings(q, t.starts, t.lens)
+        qk = kernels._query_sketches(q, t.starts, t.lens)
+        for j in range(t.m):
+            st, length = int(t.starts[j]), int(t.lens[j])
+            covered = [*range(st, st + length)]
+            covered += [(st + length + i) % span for i in range(min(32, span - length))]
+            assert len(set(covered)) == len(covered)
+            p = t.pos[j].astype(np.int64)
+            bound = np.bitwise_count(subs[p, j] ^ qs[j]) + np.bitwise_count(
+                t.sketch[j].astype(np.uint64) ^ qk[j]
+            )
+            assert np.array_equal(bound, differ[p][:, covered].sum(1))

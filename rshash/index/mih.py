@@ -7,15 +7,16 @@ are addressed directly, 2^24 at most per table), so a substring has about log2 N
 bucket holds about one item.
 
 Memory: beside the codes (kept word-major, as `exact` keeps them, for scans and `live()`), each
-table holds every item's position (4 bytes) and a copy of its code, in bucket order, plus
-2^len + 1 bucket offsets (4 bytes each). The copies make verifying a bucket's candidates a
-sequential read instead of a cache miss per candidate into the archive (an order of magnitude
-per candidate at 1e8 codes); they cost m × the codes, so the whole engine holds
-1 + m · (1 + 4 / bytes per code) times the codes (64 bits, m = 3: 5.5×).
+table holds, per item in bucket order, its position (uint32) and a 32-bit sketch of the code's
+other bits (see `mih_kernels`), plus 2^len + 1 bucket offsets (uint32): 8 bytes per item and
+table, so the engine holds 1 + 8m / bytes per code times the codes, plus the offsets (64 bits at
+1e8 codes, m = 3: 4.06×; 128 bits at 1e7, m = 6: 4.3×). The sketch rejects almost every
+candidate by one sequential read; a full code copy per table (as before: 1 + m · 12 / 8 = 5.5×
+at 64 bits) would save only the archive read of the few that pass.
 
 The tables are rebuilt over every code when codes are added (a counting sort per table, a few
 seconds per 1e7 codes on 2 cores). Only bucket offsets and positions are persisted (the engine
-state, `engine-<collection>-<gen>.bin`); opening an index refills the code copies from the
+state, `engine-<collection>-<gen>.bin`); opening an index recomputes the sketches from the
 segments while checking that every table holds each item exactly once in its bucket.
 
 The exact scan answers instead when it is cheaper:
@@ -47,8 +48,9 @@ from rshash.index.engines import ExactEngine, Hits, _order
 from rshash.index.packing import aligned_empty, query_words
 
 FILTER_SCAN = 16  # a filter keeping under 1/16 of the items is scanned, not probed
-SCAN_UNITS = 16  # codes (per word) scanned in the time of 1 candidate verified, measured ~13:
-# probing stops near the scan's cost (a bucket costs PROBE candidates; benchmarks/results/mih.md)
+SCAN_UNITS = 8  # codes (per word) scanned in the time of 1 candidate met (sketch bound), measured
+# ~7 under load (8 ns against 1.2 ns): probing stops near the scan's cost (a bucket costs PROBE
+# candidates, a full code read VERIFY; benchmarks/results/mih.md)
 MIN_BUDGET = 4096  # work units below which probing is never cut short
 AUTO_MIN_ITEMS = 2_000_000  # auto: codes from which tables are built
 AUTO_MAX_K = 100  # auto: largest k probed
@@ -67,16 +69,16 @@ def substrings_for(bits: int, n: int) -> int:
 
 @dataclass
 class Tables:
-    """m substring tables: bit ranges, bucket offsets, positions and codes in bucket order."""
+    """m substring tables: bit ranges, bucket offsets, positions and sketches in bucket order."""
 
     starts: np.ndarray  # (m,) int64: first bit of each substring
     lens: np.ndarray  # (m,) int64: its length
     offsets: np.ndarray  # (m, 2^max(lens) + 1) uint32: first row of each bucket
     pos: np.ndarray  # (m, n) uint32: the item at each row
-    codes: np.ndarray  # (m, n, words) uint64: its code
+    sketch: np.ndarray  # (m, n) uint32: its sketch (the code's bits after substring j)
 
     @classmethod
-    def empty(cls, bits: int, m: int, n: int, words: int) -> Tables:
+    def empty(cls, bits: int, m: int, n: int) -> Tables:
         span = 8 * -(-bits // 8)
         if not 1 <= m <= span or -(-span // m) > mih_kernels.MAX_SUBSTRING:
             raise RshashError(
@@ -90,20 +92,24 @@ class Tables:
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         offsets = aligned_empty((m, (1 << int(lens.max())) + 1), np.uint32)
         offsets[:] = 0
-        pos, codes = aligned_empty((m, n), np.uint32), aligned_empty((m, n, words))
-        return cls(starts, lens, offsets, pos, codes)  # huge pages: fewer TLB misses per probe
+        pos, sketch = aligned_empty((m, n), np.uint32), aligned_empty((m, n), np.uint32)
+        return cls(starts, lens, offsets, pos, sketch)  # huge pages: fewer TLB misses per probe
 
     @property
     def m(self) -> int:
         return len(self.starts)
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """What the kernels take: bit ranges, offsets, positions, sketches."""
+        return self.starts, self.lens, self.offsets, self.pos, self.sketch
+
     @property
     def nbytes(self) -> int:
-        return int(self.offsets.nbytes + self.pos.nbytes + self.codes.nbytes)
+        return int(self.offsets.nbytes + self.pos.nbytes + self.sketch.nbytes)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, words: int) -> bytes:
         """MAGIC, header length (uint64), JSON header, offsets, positions (little-endian)."""
-        _, n, words = self.codes.shape
+        n = self.pos.shape[1]
         head = {"n": n, "words": words, "starts": self.starts.tolist(), "lens": self.lens.tolist()}
         blob = json.dumps(head).encode()
         parts = [MAGIC, struct.pack("<Q", len(blob)), blob]
@@ -120,7 +126,7 @@ class Tables:
         try:
             head = json.loads(state[at : at + size])
             m, lens = len(head["starts"]), head["lens"]
-            tables = cls.empty(bits, m, n, words.shape[0])
+            tables = cls.empty(bits, m, n)
             same = head["n"] == n and head["words"] == words.shape[0]
             same = (
                 same and lens == tables.lens.tolist() and head["starts"] == tables.starts.tolist()
@@ -144,7 +150,7 @@ class Tables:
         tables.pos[:] = np.frombuffer(state, "<u4", tables.pos.size, at + sizes[0]).reshape(
             tables.pos.shape
         )
-        args = (words, tables.starts, tables.lens, tables.offsets, tables.pos, tables.codes)
+        args = (words, tables.starts, tables.lens, tables.offsets, tables.pos, tables.sketch)
         bad = mih_kernels.gather(*args)
         if bad:
             raise RshashError(f"mih tables: table {bad - 1} does not index every code once")
@@ -162,14 +168,14 @@ class MIHEngine(ExactEngine):
     def __init__(self, bits: int, substrings: int | None = None) -> None:
         super().__init__(bits)
         if substrings is not None:
-            Tables.empty(bits, substrings, 0, self.width // 8)  # check it now
+            Tables.empty(bits, substrings, 0)  # check it now
         self.substrings = substrings
         self._tables: Tables | None = None
         self._full = True
         self._mask: tuple[np.ndarray | None, np.ndarray, int] = (None, self._bits, 0)
-        # The last search's buckets and candidates per query, and which queries the scan
-        # answered (for benchmarks and tests: concurrent searches overwrite them).
-        self.work = np.zeros((0, 2), np.int64)
+        # The last search's buckets, candidates and full codes read per query, and which
+        # queries the scan answered (for benchmarks and tests: concurrent searches overwrite).
+        self.work = np.zeros((0, 3), np.int64)
         self.scanned = np.zeros(0, bool)
 
     def params(self) -> dict[str, Any]:
@@ -185,9 +191,9 @@ class MIHEngine(ExactEngine):
         tables = None
         if n >= max(self.min_items, 1) and self.bits <= self.max_bits:
             m = self.substrings or substrings_for(self.bits, n)
-            tables = Tables.empty(self.bits, m, n, self._words.shape[0])
+            tables = Tables.empty(self.bits, m, n)
             mih_kernels.build(
-                self._words, tables.starts, tables.lens, tables.offsets, tables.codes, tables.pos
+                self._words, tables.starts, tables.lens, tables.offsets, tables.pos, tables.sketch
             )
         with self._lock:
             self._tables = tables
@@ -198,7 +204,7 @@ class MIHEngine(ExactEngine):
         self._mask = (None, self._bits, 0)
 
     def state(self) -> bytes | None:
-        return None if self._tables is None else self._tables.to_bytes()
+        return None if self._tables is None else self._tables.to_bytes(self._words.shape[0])
 
     def restore(self, state: bytes | None, packed: np.ndarray, keys: np.ndarray) -> None:
         ExactEngine.add(self, packed, keys)
@@ -254,9 +260,9 @@ class MIHEngine(ExactEngine):
             t = self._tables
             plan = None if t is None or k > self.max_k else self._plan(allowed)
             if t is None or plan is None or not len(q):
-                self.work, self.scanned = np.zeros((len(q), 2), np.int64), np.ones(len(q), bool)
+                self.work, self.scanned = np.zeros((len(q), 3), np.int64), np.ones(len(q), bool)
                 return self._scan(q, k, allowed)
-            args = (t.starts, t.lens, t.offsets, t.codes, t.pos, plan[0], plan[1], self._budget())
+            args = (*t.arrays(), self._words, *plan, self._budget())
             held = self._keys  # positions in `t` index these keys (keys are only appended)
             if len(q) > 1:
                 found = mih_kernels.knn_parallel(q, k, *args)
@@ -294,7 +300,7 @@ class MIHEngine(ExactEngine):
         room = RANGE_ROOM
         while True:
             dist, pos = np.empty(room, np.int64), np.empty(room, np.int64)
-            args = (t.starts, t.lens, t.offsets, t.codes, t.pos, bits, full, dist, pos)
+            args = (*t.arrays(), self._words, bits, full, dist, pos)
             found = mih_kernels.within(q, radius, *args)
             if found <= room:
                 return _order(dist[:found], self._keys[pos[:found]])
