@@ -262,7 +262,8 @@ def test_check_and_open_name_a_damaged_table_file(mih_index):
 
 def test_auto_builds_tables_only_for_large_archives(monkeypatch, probe_always):
     """auto is exact (no tables, no state file) for small archives and codes over 64 bits, and
-    mih past its threshold; k above AUTO_MAX_K is scanned."""
+    mih past its threshold; k above AUTO_MAX_K, and batches with k above AUTO_BATCH_MAX_K below
+    AUTO_BATCH_MIN_ITEMS codes, are scanned."""
     codes, queries = _archive(64, clustered=False)
     keys = np.arange(len(codes), dtype=np.int64)
     small = make_engine("auto", 64)
@@ -278,6 +279,10 @@ def test_auto_builds_tables_only_for_large_archives(monkeypatch, probe_always):
     assert not big.scanned.any()
     _same(exact.search(queries, 101), big.search(queries, 101))
     assert big.scanned.all() and (big.work == 0).all()
+    _same(exact.search(queries, 50), big.search(queries, 50))
+    assert big.scanned.all()  # a batch with k > 20 below 5e7 codes: the batched scan won
+    _same(exact.search(queries[:1], 50), big.search(queries[:1], 50))
+    assert not big.scanned.any()  # one query of the same k is probed
     long_codes, _ = _archive(128, clustered=False)
     wide = make_engine("auto", 128)
     wide.add(long_codes, keys)

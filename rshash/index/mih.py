@@ -27,8 +27,9 @@ The exact scan answers instead when it is cheaper:
   ones, while the gathered scan reads only the share;
 - a range search whose buckets to probe cost more than the budget.
 `auto` is `mih` that builds tables only from AUTO_MIN_ITEMS codes of at most AUTO_MAX_BITS bits
-on, and probes them only for k ≤ AUTO_MAX_K (elsewhere the scan won or was not measured to lose:
-see `benchmarks/results/mih.md`); else it is `exact`.
+on, and probes them only for k ≤ AUTO_MAX_K, and batches with k > AUTO_BATCH_MAX_K only from
+AUTO_BATCH_MIN_ITEMS codes on (elsewhere the scan won or was not measured to lose: see
+`benchmarks/results/mih.md`); else it is `exact`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ MIN_BUDGET = 4096  # work units below which probing is never cut short
 AUTO_MIN_ITEMS = 2_000_000  # auto: codes from which tables are built
 AUTO_MAX_K = 100  # auto: largest k probed
 AUTO_MAX_BITS = 64  # auto: longest codes probed (128-bit random codes: the scan won at 1e7)
+# auto: a batch with k above AUTO_BATCH_MAX_K is scanned below AUTO_BATCH_MIN_ITEMS codes (the
+# batched scan reads the archive once for all queries: at 1e7 it was 2x mih at k = 100, at 1e8
+# mih won every batch by 3.7x or more)
+AUTO_BATCH_MAX_K = 20
+AUTO_BATCH_MIN_ITEMS = 50_000_000
 RANGE_ROOM = 1024  # hits a range query first makes room for
 MAGIC = b"rshash-mih/1\n"
 MAX_ITEMS = 2**32 - 1  # positions are uint32
@@ -231,6 +237,10 @@ class MIHEngine(ExactEngine):
     def _budget(self) -> int:
         return max(MIN_BUDGET, self._words.size // SCAN_UNITS)
 
+    def _probes(self, queries: int, k: int) -> bool:
+        """Whether `queries` queries of top-`k` are worth probing at all."""
+        return k <= self.max_k
+
     def _plan(self, allowed: np.ndarray | None) -> tuple[np.ndarray, bool] | None:
         """(allowed bits, all allowed) to probe with, or None where the scan is cheaper."""
         if allowed is None:
@@ -258,7 +268,7 @@ class MIHEngine(ExactEngine):
         q = query_words(self._check(queries))
         with self._lock:
             t = self._tables
-            plan = None if t is None or k > self.max_k else self._plan(allowed)
+            plan = None if t is None or not self._probes(len(q), k) else self._plan(allowed)
             if t is None or plan is None or not len(q):
                 self.work, self.scanned = np.zeros((len(q), 3), np.int64), np.ones(len(q), bool)
                 return self._scan(q, k, allowed)
@@ -315,3 +325,9 @@ class AutoEngine(MIHEngine):
     min_items = AUTO_MIN_ITEMS
     max_k = AUTO_MAX_K
     max_bits = AUTO_MAX_BITS
+
+    def _probes(self, queries: int, k: int) -> bool:
+        batch_scans = (
+            queries > 1 and k > AUTO_BATCH_MAX_K and len(self._keys) < AUTO_BATCH_MIN_ITEMS
+        )
+        return k <= self.max_k and not batch_scans
