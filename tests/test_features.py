@@ -63,7 +63,8 @@ def test_extraction_shapes_finite_and_deterministic(mini_dataset, tmp_path):
     assert not np.allclose(a.image["plain"], a.image["augmented"])
     assert a.caption_offsets.tolist() == list(range(0, 61, 5))
     assert a.metadata["image_encoder"]["name"] == "efficientnet-lite0"
-    assert a.metadata["text_encoder"] == {"name": "all-minilm-l6-v2", "dim": 384}
+    assert a.metadata["text_encoder"] == {"name": "all-minilm-l6-v2", "dim": 384, "backend": "onnx"}
+    assert a.metadata["backend"] == "onnx"  # training features: the fp32 export, torch's features
     assert a.metadata["seed"] == 0 and "torch" in a.metadata["versions"]
     assert list(tmp_path.glob("*.partial")) == []
 
