@@ -15,7 +15,6 @@ visible_after_intervals. Usage: python -m benchmarks.cluster [--seconds 20] [--c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import shutil
@@ -30,7 +29,13 @@ import httpx
 import numpy as np
 
 from benchmarks.common import DATA_ROOT, REPO, markdown_table, write_results
-from benchmarks.service_load import Tally, closed_loop, start_server, text_pool, text_request
+from benchmarks.service_load import (
+    Outcome,
+    start_server,
+    text_pool,
+    text_request,
+    wrk_closed_loop,
+)
 from rshash.data import load_dataset
 from rshash.index import Index, open_index
 from rshash.index.sharded import ray_build_shards
@@ -79,26 +84,28 @@ def start_cluster() -> Any:
     return c, workers
 
 
-def entry(
-    scenario: str, replicas: int, removed: bool, tally: Tally, seconds: float
-) -> dict[str, Any]:
-    ms = np.array(tally.served) * 1000 if tally.served else np.array([np.nan])
+def entry(scenario: str, replicas: int, removed: bool, got: Outcome) -> dict[str, Any]:
     return {
         "scenario": scenario,
         "replicas": replicas,
         "node_removed": removed,
-        "rps": round(len(tally.served) / seconds, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "errors": len(tally.errors) + len(tally.shed),
+        "rps": round(got.served / got.seconds, 1),
+        "p50_ms": round(got.p50_ms, 1),
+        "p99_ms": round(got.p99_ms, 1),
+        "errors": sum(got.errors.values()) + got.shed,
+        "client_cpu": round(got.client_cpu, 3),
     }
 
 
-def load(port: int, requests: list, clients: int, seconds: float, during: Any = None) -> Tally:
-    """Closed-loop clients for `seconds`; `during` runs in a thread a third of the way in."""
+def load(
+    port: int, requests: list, clients: int, seconds: float, work: Path, during: Any = None
+) -> Outcome:
+    """Closed-loop wrk clients for `seconds` over a seeded order of `requests`; `during` runs in a
+    thread a third of the way in."""
+    order = [int(i) for i in np.random.default_rng(0).integers(0, len(requests), 200_000)]
     if during is not None:
         threading.Timer(seconds / 3, during).start()
-    return asyncio.run(closed_loop(port, requests, clients, seconds))
+    return wrk_closed_loop(port, requests, order, clients, seconds, work)
 
 
 def freshness(index_path: Path, port: int, start: int) -> float:
@@ -135,8 +142,8 @@ def main() -> None:
         refresh = ["--refresh-interval", str(REFRESH_S)]
         server = start_server(local, args.port, refresh)
         try:
-            tally = load(args.port, requests, args.clients, args.seconds)
-            results.append(entry("local", 0, False, tally, args.seconds))
+            got = load(args.port, requests, args.clients, args.seconds, root / "wrk-local")
+            results.append(entry("local", 0, False, got))
             results[-1]["visible_after_intervals"] = freshness(local, args.port, 0)
         finally:
             server.terminate()
@@ -144,13 +151,12 @@ def main() -> None:
         sharded = [*refresh, "--ray-address", c.address, "--replicas", "2", "--device", "cpu"]
         server = start_server(shards, args.port, sharded)
         try:
-            tally = load(args.port, requests, args.clients, args.seconds)
-            results.append(entry("sharded", 2, False, tally, args.seconds))
+            got = load(args.port, requests, args.clients, args.seconds, root / "wrk-sharded")
+            results.append(entry("sharded", 2, False, got))
             results[-1]["visible_after_intervals"] = freshness(shards, args.port, 100)
-            tally = load(
-                args.port, requests, args.clients, args.seconds, lambda: c.remove_node(workers[0])
-            )
-            results.append(entry("sharded_node_loss", 2, True, tally, args.seconds))
+            lose = lambda: c.remove_node(workers[0])  # noqa: E731
+            got = load(args.port, requests, args.clients, args.seconds, root / "wrk-loss", lose)
+            results.append(entry("sharded_node_loss", 2, True, got))
         finally:
             server.terminate()
             server.wait()
@@ -164,8 +170,9 @@ def main() -> None:
     header = list(results[0])
     rows = [[str(r[k]) for k in header] for r in results]
     note = (
-        f"{args.clients} closed-loop text clients, {args.seconds:g} s per scenario, on a Ray test"
-        " cluster on loopback (head + 3 one-CPU nodes on this machine)."
+        f"{args.clients} closed-loop text clients (wrk; client_cpu: its share of one core), "
+        f"{args.seconds:g} s per scenario, on a Ray test cluster on loopback (head + 3 one-CPU "
+        "nodes on this machine)."
     )
     write_results(args.name, results, f"{note}\n\n" + markdown_table(header, rows))
 
