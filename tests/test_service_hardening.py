@@ -18,7 +18,7 @@ from PIL import Image
 
 from rshash.data import load_dataset
 from rshash.index import Index
-from rshash.index.build import build_index
+from rshash.index.build import RESERVED_FIELDS, build_index
 from rshash.service import ServiceConfig
 from tests.conftest import RSSCN7
 from tests.service_server import running_service
@@ -256,9 +256,9 @@ def test_user_fields_cannot_replace_reserved_record_fields(ucm_run, tmp_path, mi
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: {fields}: {first!r} sets path, which rshash sets from the archive (reserved: "
-        "bands, bounds_wgs84, captions, crs, dataset, footprint, footprint_wgs84, id, image, "
-        "path, resolution_m, scene, stretch, text, window); rename the field"
+        f"{', '.join(sorted(RESERVED_FIELDS))}); rename the field"
     ]
+    assert {"path", "window", "bands", "id", "stac_item", "asset_href"} <= RESERVED_FIELDS
     assert not (tmp_path / "idx").exists()
     from rshash.errors import RshashError
 
