@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -57,7 +56,10 @@ def scene(kind: str, grid: int) -> Path:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM: its own address space since exec; ru_maxrss
+    would carry over the peak of the parent that forked it)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) / 1024
 
 
 def stage(name: str, path: Path, bands: tuple[int, ...] | None) -> dict[str, Any]:
