@@ -39,6 +39,25 @@ def ucm_features(ucm_path: Path) -> Path:
     return out
 
 
+def shards_of_index(index: Path, run: Path, data: Path, out: Path, shards: int = 2) -> Path:
+    """`shards` shards of a built index's own codes over the archive at `data` (no encoding, no
+    Ray needed to build)."""
+    from rshash.data import load_dataset
+    from rshash.index import Index
+    from rshash.index.sharded import ray_build_shards
+
+    single = Index.open(index)
+    ray_build_shards(
+        run,
+        load_dataset(data, check_images=False),
+        out,
+        shards=shards,
+        image_codes=single.collections["images"].codes,
+        caption_codes=single.collections["captions"].codes,
+    )
+    return out
+
+
 def make_caption_dataset(
     root: Path, per_class: int = 4, classes: tuple[int, ...] = (0, 8, 16)
 ) -> Path:

@@ -17,26 +17,16 @@ from rshash.data import load_dataset
 from rshash.errors import RshashError
 from rshash.index import Index, open_index
 from rshash.index.cluster import SHARDS, check_cluster, read_cluster, snapshot
-from rshash.index.sharded import ray_build_shards
 from rshash.service import ServiceConfig
-from tests.conftest import make_caption_dataset, rshash_cli
+from tests.conftest import make_caption_dataset, rshash_cli, shards_of_index
 from tests.service_server import running_service
 
 
 @pytest.fixture(scope="module")
 def pristine_shards(tmp_path_factory, ucm_index, ucm_run, ucm_path):
     """Two shards of the UCM test index's own codes (no encoding, no Ray needed to build)."""
-    single = Index.open(ucm_index)
     out = tmp_path_factory.mktemp("cluster") / "shards"
-    ray_build_shards(
-        ucm_run,
-        load_dataset(ucm_path, check_images=False),
-        out,
-        shards=2,
-        image_codes=single.collections["images"].codes,
-        caption_codes=single.collections["captions"].codes,
-    )
-    return out
+    return shards_of_index(ucm_index, ucm_run, ucm_path, out)
 
 
 @pytest.fixture

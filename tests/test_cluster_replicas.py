@@ -6,21 +6,16 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-from rshash.data import load_dataset
 from rshash.index import Index
-from rshash.index.sharded import ray_build_shards
 from rshash.service import ServiceConfig
+from tests.conftest import shards_of_index
+from tests.ray_cluster import loopback_cluster, wait_for
 from tests.service_server import running_service
-from tests.test_service_cluster import LOCAL
-
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 TIMEOUT = 20.0  # the service's shard timeout: a replica slower than a third of it is doubled
 
@@ -28,27 +23,8 @@ TIMEOUT = 20.0  # the service's shard timeout: a replica slower than a third of 
 @pytest.fixture
 def three_nodes(monkeypatch):
     """A head node without CPUs (the driver) and three 1-CPU worker nodes, all on loopback."""
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={**LOCAL, "num_cpus": 0, "include_dashboard": False},
-    )
-    workers = [c.add_node(**LOCAL, num_cpus=1) for _ in range(3)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c, workers
-    finally:
-        ray.shutdown()
-        c.shutdown()
-
-
-def _wait_for(predicate, seconds, what):
-    deadline = time.time() + seconds
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    with loopback_cluster(monkeypatch, 3, hang_s=None) as got:
+        yield got
 
 
 @pytest.mark.slow
@@ -62,15 +38,7 @@ def test_replicas_answer_through_a_node_loss_and_a_live_add(
     the add, while a node goes and another process adds; the lost replica comes back."""
     c, workers = three_nodes
     single = Index.open(ucm_index)
-    shards = tmp_path / "shards"
-    ray_build_shards(
-        ucm_run,
-        load_dataset(ucm_path, check_images=False),
-        shards,
-        shards=2,
-        image_codes=single.collections["images"].codes,
-        caption_codes=single.collections["captions"].codes,
-    )
+    shards = shards_of_index(ucm_index, ucm_run, ucm_path, tmp_path / "shards")
     local = tmp_path / "local"  # the same add, made to a local copy: the answers after it
     shutil.copytree(ucm_index, local)
     after = Index.open(local)
@@ -108,7 +76,7 @@ def test_replicas_answer_through_a_node_loss_and_a_live_add(
         streamer = threading.Thread(target=stream)
         streamer.start()
         try:
-            _wait_for(lambda: len(answers) >= 3, 120, "queries before the node loss")
+            wait_for(lambda: len(answers) >= 3, 120, "queries before the node loss")
             victim = next(
                 w for w in workers if w.node_id == health["replica_nodes"]["shard-000"][0]
             )
@@ -119,11 +87,11 @@ def test_replicas_answer_through_a_node_loss_and_a_live_add(
                 text=True,
             )
             assert writer.returncode == 0, writer.stderr
-            _wait_for(
+            wait_for(
                 lambda: http.get("/healthz").json()["images"] == 2105, 120, "the new generation"
             )
             n = len(answers)
-            _wait_for(lambda: len(answers) >= n + 3, 120, "queries after the add")
+            wait_for(lambda: len(answers) >= n + 3, 120, "queries after the add")
         finally:
             stop.set()
             streamer.join(timeout=180)
@@ -138,7 +106,7 @@ def test_replicas_answer_through_a_node_loss_and_a_live_add(
             nodes = http.get("/healthz").json()["replica_nodes"]
             return all(len(set(n)) == 2 and victim.node_id not in n for n in nodes.values())
 
-        _wait_for(rebuilt, 240, "the lost replica rebuilt on the remaining nodes")
+        wait_for(rebuilt, 240, "the lost replica rebuilt on the remaining nodes")
         for _ in range(6):  # round-robin: the rebuilt replica answers from the new generation
             r = http.post("/search/text", json=query)
             assert (

@@ -2,7 +2,6 @@
 (`ray.cluster_utils.Cluster`: several raylets on this machine, on 127.0.0.1), through the same
 HTTP API, while the node holding a shard is removed and a replacement node joins."""
 
-import faulthandler
 import threading
 import time
 
@@ -13,43 +12,17 @@ from rshash.data import load_dataset
 from rshash.index import Index
 from rshash.index.sharded import ray_build_shards
 from rshash.service import ServiceConfig
+from tests.ray_cluster import LOCAL, loopback_cluster, wait_for
 from tests.service_server import running_service
 
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-
-LOCAL = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
 TIMEOUT = 5.0  # the service's shard timeout in this test
 
 
 @pytest.fixture
 def cluster(monkeypatch):
     """A head node without CPUs (the driver) and two 1-CPU worker nodes, all on loopback."""
-    # Ray turns a loopback address into the machine's outward IP unless told to stay local
-    # (the switch it uses on laptops); the nodes below listen on 127.0.0.1 only.
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
-    faulthandler.dump_traceback_later(600, exit=True)  # a hung cluster must not hang CI
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={**LOCAL, "num_cpus": 0, "include_dashboard": False},
-    )
-    workers = [c.add_node(**LOCAL, num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c, workers
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        faulthandler.cancel_dump_traceback_later()
-
-
-def _wait_for(predicate, seconds: float, what: str) -> None:
-    deadline = time.time() + seconds
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    with loopback_cluster(monkeypatch, 2) as got:
+        yield got
 
 
 @pytest.mark.slow
@@ -107,7 +80,7 @@ def test_sharded_service_survives_node_loss(cluster, ucm_index, ucm_run, ucm_pat
         streamer = threading.Thread(target=stream)
         streamer.start()
         try:
-            _wait_for(lambda: len(answers) >= 3, 60, "queries before the node loss")
+            wait_for(lambda: len(answers) >= 3, 60, "queries before the node loss")
             c.remove_node(victim)
             degraded: list[str] = []
 
@@ -116,13 +89,13 @@ def test_sharded_service_survives_node_loss(cluster, ucm_index, ucm_run, ucm_pat
                 degraded[:] = body.get("degraded_shards", [])
                 return body["status"] == "degraded"
 
-            _wait_for(reports_degraded, 60, "/healthz to report the lost shard")
+            wait_for(reports_degraded, 60, "/healthz to report the lost shard")
             assert degraded == ["shard-001"]
-            _wait_for(lambda: any(s == 503 for s, _, _ in answers), 60, "a 503 for the lost shard")
+            wait_for(lambda: any(s == 503 for s, _, _ in answers), 60, "a 503 for the lost shard")
             c.add_node(**LOCAL, num_cpus=1)
-            _wait_for(lambda: http.get("/healthz").json()["status"] == "ok", 120, "recovery")
+            wait_for(lambda: http.get("/healthz").json()["status"] == "ok", 120, "recovery")
             n = len(answers)
-            _wait_for(lambda: len(answers) >= n + 3, 60, "queries after recovery")
+            wait_for(lambda: len(answers) >= n + 3, 60, "queries after recovery")
         finally:
             stop.set()
             streamer.join(timeout=120)
