@@ -300,6 +300,18 @@ def _bar(ds: ImageSource, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="item", disable=not progress)
 
 
+def prepare_build(
+    run_dir: str | Path, ds: ImageSource, cfg: BuildConfig, features: str | Path | None
+) -> tuple[CodeEncoder, FeatureStore | None, str]:
+    """What a new build encodes with: the run's encoder, the matching feature store if given,
+    and the job key its saved batches are kept under. A bad engine fails here, before encoding."""
+    run = HashRun.open(run_dir)
+    make_engine(cfg.engine, run.bits, cfg.engine_params)
+    encoder = CodeEncoder(run, cfg.device, cfg.backend)
+    store = _matching_store(features, ds, encoder) if features else None
+    return encoder, store, _job_key(ds, cfg, encoder, store is not None)
+
+
 def _matching_store(features: str | Path, ds: ImageSource, encoder: CodeEncoder) -> FeatureStore:
     store = FeatureStore.open(features)
     encoder.run.check_features(store)
@@ -345,11 +357,7 @@ def build_index(
     out = Path(out)
     if (out / MANIFEST).exists():
         raise RshashError(f"{out}: an index already exists here (use `rshash index add`)")
-    run = HashRun.open(run_dir)
-    make_engine(cfg.engine, run.bits, cfg.engine_params)  # a bad engine fails before encoding
-    encoder = CodeEncoder(run, cfg.device, cfg.backend)
-    store = _matching_store(features, ds, encoder) if features else None
-    key = _job_key(ds, cfg, encoder, store is not None)
+    encoder, store, key = prepare_build(run_dir, ds, cfg, features)
     with _job_dir(out.with_name(out.name + ".partial"), key) as work:
         encode_archive(encoder, ds, work, cfg, store, progress)
         index = Index.create(

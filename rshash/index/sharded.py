@@ -36,14 +36,13 @@ from rshash.index.build import (
     BuildConfig,
     _batch,
     _job_dir,
-    _job_key,
-    _matching_store,
     _saved,
     caption_records,
     check_extra_fields,
     encode_archive,
     image_record,
     image_records,
+    prepare_build,
     source_entry,
 )
 from rshash.index.cluster import (
@@ -56,7 +55,6 @@ from rshash.index.cluster import (
     write_cluster,
 )
 from rshash.index.encoder import CodeEncoder
-from rshash.index.engines import make_engine
 from rshash.index.filters import check_bbox, compile_where
 from rshash.index.index import Index, encoded_with, record_fields
 from rshash.index.packing import empty_codes
@@ -207,11 +205,7 @@ def build_sharded(
         raise RshashError(f"--shards: expected 1 to {MAX_SHARDS}, got {shards}")
     if (out / SHARDS).exists() or (out / "index.json").exists():
         raise RshashError(f"{out}: an index already exists here (use `rshash index add`)")
-    run = HashRun.open(run_dir)
-    make_engine(cfg.engine, run.bits, cfg.engine_params)  # a bad engine fails before encoding
-    encoder = CodeEncoder(run, cfg.device, cfg.backend)
-    store = _matching_store(features, ds, encoder) if features else None
-    key = _job_key(ds, cfg, encoder, store is not None)
+    encoder, store, key = prepare_build(run_dir, ds, cfg, features)
     with _job_dir(out.with_name(out.name + ".partial"), key) as work:
         if ray_address is not None and store is None:
             _ray_encode_batches(run_dir, ds, work, cfg, encoder.backend, ray_address, ray_workers)
