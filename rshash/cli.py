@@ -695,15 +695,11 @@ def search(
     box = _bbox(bbox) if bbox is not None else None
     opening = OpenConfig(device=device, backend=check_backend(backend), ray_address=ray_address)
     idx = Searcher(open_index(index, opening))
-    if datetime is not None:
-        from rshash.index.time_filter import with_datetime
-
-        where = with_datetime(where, datetime, idx.index.fields(target))
     if image is not None:
-        hits = idx.search_image(image, k, target, radius, where=where, bbox=box)
+        hits = idx.search_image(image, k, target, radius, where=where, bbox=box, datetime=datetime)
     else:
         assert text is not None
-        hits = idx.search_text(text, k, target, radius, where=where, bbox=box)
+        hits = idx.search_text(text, k, target, radius, where=where, bbox=box, datetime=datetime)
     if output == "stac":
         from rshash.service.stac_items import item_collection
 
