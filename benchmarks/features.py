@@ -18,17 +18,25 @@ import torch
 from benchmarks.common import DATA_ROOT, machine, markdown_table, write_results
 from rshash.data import load_dataset
 from rshash.features import ExtractConfig, FeatureStore, extract_features
+from rshash.features.backends import FEATURES_CPU_BACKEND, resolve_backend, with_backend
 from rshash.features.encoders import load_image_encoder, load_text_encoder
 from rshash.features.extract import caption_views
 from rshash.reproducibility import resolve_device
 
 
+def backend_of(cfg: ExtractConfig) -> str:
+    """The backend extraction runs on (the limits are measured on the same one)."""
+    return resolve_backend(cfg.backend, resolve_device(cfg.device), FEATURES_CPU_BACKEND)
+
+
 def image_forward_rate(cfg: ExtractConfig, repeats: int) -> float:
     """Images/s if only the two forward passes per image ran (plain + augmented view)."""
-    enc = load_image_encoder(cfg.image_encoder, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    enc = with_backend(load_image_encoder(cfg.image_encoder, device), backend_of(cfg))
     size = cfg.views.size
     batch = torch.randn(cfg.image_batch, 3, size, size).to(enc.device)
-    batch = batch.contiguous(memory_format=torch.channels_last)
+    if backend_of(cfg) == "torch":
+        batch = batch.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         enc.forward(batch)
         start = time.perf_counter()
@@ -39,8 +47,19 @@ def image_forward_rate(cfg: ExtractConfig, repeats: int) -> float:
 
 
 def text_forward_rate(cfg: ExtractConfig, texts: list[str], n_captions: int) -> float:
-    """Captions/s if only the forward passes over the same (pre-tokenised) texts ran."""
+    """Captions/s if only the forward passes over the same texts ran (pre-tokenised for torch;
+    an ONNX backend's encode tokenises each batch itself)."""
     enc = load_text_encoder(cfg.text_encoder, resolve_device(cfg.device))
+    if backend_of(cfg) != "torch":
+        onnx = with_backend(enc, backend_of(cfg))
+        batches_of_texts = [
+            texts[s : s + cfg.text_batch] for s in range(0, len(texts), cfg.text_batch)
+        ]
+        onnx.encode(batches_of_texts[0])
+        start = time.perf_counter()
+        for t in batches_of_texts:
+            onnx.encode(t)
+        return n_captions / (time.perf_counter() - start)
     model = enc.model  # type: ignore[attr-defined]
     batches = [
         model.tokenize(texts[s : s + cfg.text_batch]) for s in range(0, len(texts), cfg.text_batch)
@@ -77,6 +96,7 @@ def main() -> None:
         "captions_per_s": n_captions / timing["text_seconds"],
         "image_forward_limit_per_s": image_forward_rate(cfg, repeats=4),
         "text_forward_limit_per_s": text_forward_rate(cfg, unique, n_captions),
+        "backend": backend_of(cfg),
         "machine": machine(),
     }
     img_ratio = record["images_per_s"] / record["image_forward_limit_per_s"]
@@ -99,7 +119,8 @@ def main() -> None:
     table = markdown_table(["UCM extraction", "ours /s", "bare forward limit /s", "ratio"], rows)
     title = (
         f"# Feature extraction throughput ({len(ds)} UCM images, {n_captions} captions; "
-        f"{cfg.image_encoder} + {cfg.text_encoder}, batch {cfg.image_batch})\n\n"
+        f"{cfg.image_encoder} + {cfg.text_encoder}, batch {cfg.image_batch}, backend "
+        f"{backend_of(cfg)})\n\n"
     )
     write_results("features", record, title + table)
 
