@@ -18,7 +18,7 @@ import pytest
 
 from rshash.errors import RshashError
 from rshash.index import Index, filters, store
-from rshash.index import index as index_module
+from rshash.index import records as records_module
 from rshash.index.filters import compile_where, tokenize
 from rshash.index.index import StaleFilter
 from rshash.service import ServiceConfig
@@ -148,8 +148,8 @@ def _legacy_copy(ucm_index: Path, to: Path) -> Path:
 def test_index_without_field_list_reads_it_once_from_its_records(ucm_index, tmp_path, monkeypatch):
     """An index written before manifests listed fields: the list comes from SQLite, once."""
     calls = []
-    real = index_module.record_fields
-    monkeypatch.setattr(index_module, "record_fields", lambda *a: calls.append(a[1:]) or real(*a))
+    real = records_module.record_fields
+    monkeypatch.setattr(records_module, "record_fields", lambda *a: calls.append(a[1:]) or real(*a))
     index = Index.open(_legacy_copy(ucm_index, tmp_path / "index"))
     q = codes_for(0, 1)
     for _ in range(3):
@@ -163,12 +163,12 @@ def test_index_without_field_list_reads_it_once_from_its_records(ucm_index, tmp_
 def test_a_filter_query_past_its_time_limit_is_an_error(ucm_index, monkeypatch):
     """Guards against one filter's SQL query running unbounded (a valid filter at the limits
     costs time per item; on a large archive, minutes)."""
-    monkeypatch.setattr(index_module, "FILTER_SECONDS", 0.0)
-    monkeypatch.setattr(index_module, "PROGRESS_STEPS", 1000)  # look at the clock early
+    monkeypatch.setattr(records_module, "FILTER_SECONDS", 0.0)
+    monkeypatch.setattr(records_module, "PROGRESS_STEPS", 1000)  # look at the clock early
     index = Index.open(ucm_index)
     with pytest.raises(RshashError, match=r"where: took longer than 0 s"):
         index.search_codes(codes_for(0, 1), 5, "captions", where="text != 'x' or class = 'y'")
-    monkeypatch.setattr(index_module, "FILTER_SECONDS", 60.0)
+    monkeypatch.setattr(records_module, "FILTER_SECONDS", 60.0)
     assert len(index.search_codes(codes_for(0, 1), 5, "captions", where="class = 'river'")[0])
 
 

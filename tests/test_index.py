@@ -81,7 +81,7 @@ def test_cached_records_equal_stored_ones_and_stay_unchanged_by_callers(ucm_inde
         h.item.setdefault("captions", []).append("edited")
     again = index.search_text("a river", k=10, collection="images")
     assert [h.item for h in again] == stored
-    assert len(index._records) >= 10  # served from the cache this time
+    assert len(index.records._cache) >= 10  # served from the cache this time
 
 
 def test_add_remove_reopen_round_trip(ucm_run, tmp_path):

@@ -83,7 +83,11 @@ class CodeIndex(Protocol):
     """
 
     path: Path
-    encoder: CodeEncoder
+
+    @property
+    def encoder(self) -> CodeEncoder:
+        """Turns text and image queries into this archive's codes."""
+        ...
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def count_of(manifests: list[dict[str, Any]]) -> dict[str, int]:
 def snapshot(path: Path, committed: dict[str, Any]) -> dict[str, bytes]:
     """The files of shard `path` at its committed generation, by relative path: the manifest
     of `committed` (or a compaction's newer one: same items), a consistent copy of the records
-    (SQLite's backup), the segment and engine files it names, and the model copy."""
+    (SQLite's backup), and the segment and engine files it names: what a replica needs to search
+    codes and resolve filters (no model: queries are encoded where they arrive)."""
     for attempt in range(SNAPSHOT_TRIES):
         try:
             return _snapshot(path, committed)
@@ -121,8 +122,6 @@ def _snapshot(path: Path, committed: dict[str, Any]) -> dict[str, bytes]:
     files = {MANIFEST: json.dumps(manifest).encode(), RECORDS: _records_copy(path)}
     for name in sorted(store.files_named(manifest)):
         files[name] = (path / name).read_bytes()
-    for f in sorted((path / "model").iterdir()):
-        files[f"model/{f.name}"] = f.read_bytes()
     if store.read_manifest(path)["compacted"] != before["compacted"]:
         raise _Moved
     return files

@@ -28,7 +28,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,16 +49,13 @@ from rshash.index.base import (
 )
 from rshash.index.encoder import CodeEncoder
 from rshash.index.engines import Engine, Hits, make_engine
-from rshash.index.filters import check_bbox, compile_bbox, compile_where
+from rshash.index.filters import check_bbox
 from rshash.index.packing import code_bytes, pad_packed
+from rshash.index.records import Records
 from rshash.index.store import (
     COLLECTIONS,
     FORMAT,
-    KEY,
     MANIFEST,
-    coll_code,
-    in_collection,
-    live_sql,
 )
 from rshash.models.model_file import MODEL, MODEL_FILES, model_fingerprint
 from rshash.models.run import HashRun
@@ -67,11 +64,6 @@ from rshash.reproducibility import provenance, resolve_device
 COMPACT_FRACTION = 0.25  # compact once tombstones exceed this share of a collection's codes
 MAX_SEGMENTS = 64  # ... or once a collection has more segments than this
 FILTER_CACHE = 16  # filters whose matching keys are kept, per index
-# Decoded records kept per index: a committed key's record never changes (keys are never reused,
-# compaction keeps them), and decoding 20 records' JSON was most of a search's CPU.
-RECORD_CACHE = 65_536
-FILTER_SECONDS = 10.0  # longest a filter's SQL query may run before it is an error
-PROGRESS_STEPS = 1_000_000  # SQLite steps between looks at the clock (each takes the GIL)
 OPEN_TRIES = 5  # a reader retries when compaction deletes segments under it
 
 
@@ -120,24 +112,9 @@ class _Pending:
     fields: dict[str, set[str]] = field(default_factory=dict)  # record fields added, per collection
 
 
-def record_fields(db: sqlite3.Connection, collection: str) -> frozenset[str]:
-    """The top-level fields of every record of `collection` in `db` (captions apart)."""
-    rows = db.execute(
-        "SELECT DISTINCT field.key FROM items, json_each(items.record) AS field"
-        f" WHERE {in_collection(coll_code(collection))}"
-    )
-    return frozenset(r[0] for r in rows)
-
-
 def encoded_with(manifest: dict[str, Any]) -> str:
     """The backend an index's codes were encoded with (indexes before backends: torch)."""
     return str(manifest["model"].get("backend", "torch"))
-
-
-def _copy_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a decoded record whose lists and dicts are copies too (one level down, where
-    records keep captions, windows and bounds)."""
-    return {k: v.copy() if isinstance(v, list | dict) else v for k, v in record.items()}
 
 
 class Index(Queries):
@@ -147,14 +124,16 @@ class Index(Queries):
         self,
         path: Path,
         manifest: dict[str, Any],
-        run: HashRun,
+        run: HashRun | None,
         device: str = "auto",
         lock_timeout_s: float = store.LOCK_TIMEOUT_S,
         backend: str = AUTO,
     ) -> None:
         self.path = path
-        self.run = run
-        self.encoder = CodeEncoder(run, device, backend)
+        self._run = run
+        self._encoder: CodeEncoder | None = None
+        self._device = device
+        self._backend = resolve_backend(backend, resolve_device(device))  # a bad name fails here
         check_encoded_with(encoded_with(manifest), str(path))
         self._state = _State(manifest)
         self._lock = store.WriteLock(path, lock_timeout_s)
@@ -162,8 +141,7 @@ class Index(Queries):
         self._pending: _Pending | None = None
         self._filters: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._filters_lock = threading.Lock()
-        self._records: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._records_lock = threading.Lock()
+        self.records = Records(self._db, str(path))
         self._fields: dict[tuple[int, str], frozenset[str]] = {}
         # Fields other shards of a sharded index hold: valid here too, matching nothing.
         self.shared_fields: dict[str, frozenset[str]] = {}
@@ -173,6 +151,20 @@ class Index(Queries):
         self.keep_files_of: dict[str, Any] | None = None
 
     # --- what readers see -----------------------------------------------------------------
+
+    @property
+    def run(self) -> HashRun:
+        """The model that encoded the archive (opened with `model=False`: loaded at first use;
+        searching codes and reading or changing records need none of it)."""
+        if self._run is None:
+            self._run = integrity.load_model(self.path)
+        return self._run
+
+    @property
+    def encoder(self) -> CodeEncoder:
+        if self._encoder is None:
+            self._encoder = CodeEncoder(self.run, self._device, self._backend)
+        return self._encoder
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -265,8 +257,7 @@ class Index(Queries):
             fsync_dir(tmp)
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)  # made durable by the first commit's directory sync
-        index.run = HashRun.open(model_dir)
-        index.encoder = CodeEncoder(index.run, device, backend)
+        index._run = HashRun.open(model_dir)
         return index
 
     @classmethod
@@ -278,8 +269,12 @@ class Index(Queries):
         lock_timeout_s: float = store.LOCK_TIMEOUT_S,
         verify: bool | None = None,
         backend: str = AUTO,
+        model: bool = True,
     ) -> Index:
         """Open an index; with `expect_model` (a run directory), refuse one built by another.
+
+        With `model=False` the model is neither checked nor loaded until a query needs it
+        (a shard replica that searches codes only gets no copy of the weights).
 
         A change waits at most `lock_timeout_s` for another writer's lock. Missing or damaged
         files fail here, in one line (see `integrity`); `verify` also checks every segment's
@@ -287,7 +282,7 @@ class Index(Queries):
         `integrity.VERIFY_UP_TO` codes, where it is cheap.
         """
         path = Path(path)
-        manifest = integrity.open_manifest(path, verify)
+        manifest = integrity.open_manifest(path, verify, model)
         if expect_model is not None:
             other = model_fingerprint(Path(expect_model))
             if other != manifest["model"]["fingerprint"]:
@@ -295,8 +290,8 @@ class Index(Queries):
                     f"{path}: index was built with the model of {manifest['model']['source_run']}"
                     f", not with {expect_model}; rebuild it or use that model"
                 )
-        model = integrity.load_model(path)
-        index = cls(path, manifest, model, device, lock_timeout_s, backend)
+        run = integrity.load_model(path) if model else None
+        index = cls(path, manifest, run, device, lock_timeout_s, backend)
         index._state = index._load_newest(manifest)
         return index
 
@@ -357,12 +352,8 @@ class Index(Queries):
 
     def _tombstones(self, collection: str, manifest: dict[str, Any]) -> np.ndarray:
         """Keys removed after the last compaction and up to the manifest's generation."""
-        rows = self._db().execute(
-            f"SELECT {KEY} FROM items WHERE gen_removed > ? AND gen_removed <= ?"
-            f" AND {in_collection(coll_code(collection))}",
-            (manifest.get("compacted", 0), manifest["generation"]),
-        )
-        return np.sort(np.fromiter((r[0] for r in rows), np.int64))
+        compacted = manifest.get("compacted", 0)
+        return self.records.tombstones(collection, compacted, manifest["generation"])
 
     def refresh(self) -> bool:
         """Switch to the newest committed generation if another process made one.
@@ -514,59 +505,22 @@ class Index(Queries):
         self._check_new_ids(collection, items)
 
     def _check_new_ids(self, collection: str, items: list[dict[str, Any]]) -> None:
-        ids = [str(it["id"]) for it in items]
-        if len(set(ids)) != len(ids):
-            twice = next(i for i, n in Counter(ids).items() if n > 1)
-            raise RshashError(f"{collection}: item id {twice!r} appears twice")
-        c = coll_code(collection)
-        for part in store.chunks(ids):
-            marks = ", ".join("?" * len(part))
-            row = (
-                self._db()
-                .execute(
-                    f"SELECT id FROM items WHERE id IN ({marks}) AND {in_collection(c)}"
-                    " AND gen_removed IS NULL LIMIT 1",
-                    part,
-                )
-                .fetchone()
-            )
-            if row is not None:
-                raise RshashError(f"{collection}: item id {row[0]!r} is already in the index")
+        self.records.check_new_ids(collection, items)
 
     def _insert(
         self, collection: str, keys: np.ndarray, items: list[dict[str, Any]], gen: int
     ) -> None:
-        c, db = coll_code(collection), self._db()
         if self._pending is not None:
             added = self._pending.fields.setdefault(collection, set())
             added.update(name for it in items for name in it if name != "captions")
-        store.insert_rows(
-            db,
-            (store.row_of(c, int(k), it, gen) for k, it in zip(keys.tolist(), items, strict=True)),
-        )
-        for k, it in zip(keys.tolist(), items, strict=True):
-            if it.get("bounds_wgs84") is not None:
-                store.insert_bounds(db, store.rid(c, k), it)
+        self.records.insert(collection, keys, items, gen)
 
     def remove(self, ids: Iterable[str]) -> int:
         """Remove images (and their captions) or single captions by id; returns images removed."""
         wanted = [str(i) for i in ids]
         pending = self._begin()
-        db, removed = self._db(), 0
         try:
-            for part in store.chunks(wanted, store.BATCH // 2):
-                marks = ", ".join("?" * len(part))
-                cur = db.execute(
-                    f"UPDATE items SET gen_removed = ? WHERE id IN ({marks}) AND {in_collection(0)}"
-                    " AND gen_removed IS NULL",
-                    (pending.gen, *part),
-                )
-                removed += cur.rowcount
-                db.execute(
-                    f"UPDATE items SET gen_removed = ? WHERE {in_collection(1)}"
-                    f" AND gen_removed IS NULL AND (id IN ({marks}) OR image IN ({marks}))",
-                    (pending.gen, *part, *part),
-                )
+            removed = self.records.mark_removed(wanted, pending.gen)
         except BaseException:
             self._abort()
             raise
@@ -582,7 +536,7 @@ class Index(Queries):
         try:
             for name in COLLECTIONS:
                 seg = pending.segments.get(name)
-                removed = self._removed_in(name, pending.gen) if pending.removed else None
+                removed = self.records.removed_in(name, pending.gen) if pending.removed else None
                 if seg is None and (removed is None or not len(removed)) and not pending.reserved:
                     continue
                 info = dict(manifest["collections"].get(name) or self._new_info())
@@ -644,14 +598,6 @@ class Index(Queries):
 
     def _new_info(self) -> dict[str, Any]:
         return {"count": 0, "next_key": 0, "segments": [], "tombstones": 0, "report": {}}
-
-    def _removed_in(self, collection: str, gen: int) -> np.ndarray:
-        rows = self._db().execute(
-            f"SELECT {KEY} FROM items WHERE gen_removed = ?"
-            f" AND {in_collection(coll_code(collection))}",
-            (gen,),
-        )
-        return np.sort(np.fromiter((r[0] for r in rows), np.int64))
 
     def _needs_compaction(self) -> bool:
         for info in self.manifest["collections"].values():
@@ -746,7 +692,7 @@ class Index(Queries):
         key = (int(manifest["generation"]), collection)
         known = self._fields.get(key)
         if known is None:
-            known = self._fields[key] = record_fields(self._db(), collection)
+            known = self._fields[key] = self.records.fields(collection)
         return known
 
     def matching_keys(
@@ -773,37 +719,13 @@ class Index(Queries):
             if hit is not None:
                 self._filters.move_to_end(cache_key)
                 return hit
-        sql = f"SELECT {KEY} FROM items WHERE {in_collection(coll_code(collection))}"
-        sql += f" AND {live_sql(gen)}"
-        params: list[Any] = []
-        if where is not None:
-            known = self._known_fields(state.manifest, collection)
-            cond, params = compile_where(where, known)
-            sql += f" AND {cond}"
-        if box is not None:
-            cond, box_params = compile_bbox(box)
-            sql += f" AND {cond}"
-            params += box_params
-        keys = self._query_keys(sql, params)
+        known = frozenset() if where is None else self._known_fields(state.manifest, collection)
+        keys = self.records.matching(collection, gen, where, box, known)
         with self._filters_lock:
             self._filters[cache_key] = keys
             while len(self._filters) > FILTER_CACHE:
                 self._filters.popitem(last=False)
         return keys
-
-    def _query_keys(self, sql: str, params: list[Any]) -> np.ndarray:
-        """Sorted keys of a filter's SQL query, interrupted after FILTER_SECONDS."""
-        db, deadline = self._db(), time.monotonic() + FILTER_SECONDS
-        db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
-        try:
-            rows = db.execute(sql, params)
-            return np.sort(np.fromiter((r[0] for r in rows), np.int64))
-        except sqlite3.Error as exc:
-            if time.monotonic() > deadline:
-                raise RshashError(f"where: took longer than {FILTER_SECONDS:g} s") from None
-            raise RshashError(f"where: {exc}") from None
-        finally:
-            db.set_progress_handler(None, 0)
 
     def search_codes(
         self,
@@ -816,16 +738,33 @@ class Index(Queries):
         bbox: tuple[float, float, float, float] | None = None,
         allowed: Allowed | None = None,
     ) -> list[list[Hit]]:
+        found = self.search_found(
+            codes, k, collection, radius, where=where, bbox=bbox, allowed=allowed
+        )
+        return self.records.hits(collection, found)
+
+    def search_found(
+        self,
+        codes: np.ndarray,
+        k: int = 20,
+        collection: str = "images",
+        radius: int | None = None,
+        *,
+        where: str | None = None,
+        bbox: tuple[float, float, float, float] | None = None,
+        allowed: Allowed | None = None,
+    ) -> list[Hits]:
+        """`search_codes` without the records: each query's (distances, keys), nearest first."""
         check_query(k, radius, self.bits)
         if radius is None:
-            found = self.search_keys(codes, k, collection, where=where, bbox=bbox, allowed=allowed)
-            return self._hits(collection, list(zip(*found, strict=True)))
+            d, keys = self.search_keys(
+                codes, k, collection, where=where, bbox=bbox, allowed=allowed
+            )
+            return [(dr[kr >= 0], kr[kr >= 0]) for dr, kr in zip(d, keys, strict=True)]
         state = self._state
         col = self._collection(state, collection)
-        keys = self._keys_allowed(state, collection, where, bbox, allowed)
-        return self._hits(
-            collection, col.engine.range_search(pad_packed(codes, self.bits), radius, keys)
-        )
+        keys_ok = self._keys_allowed(state, collection, where, bbox, allowed)
+        return col.engine.range_search(pad_packed(codes, self.bits), radius, keys_ok)
 
     def resolve_filter(
         self, collection: str, where: str | None, bbox: tuple[float, float, float, float] | None
@@ -876,62 +815,13 @@ class Index(Queries):
         keys = self._keys_allowed(state, collection, where, bbox, allowed)
         return col.engine.search(pad_packed(codes, self.bits), min(k, len(col)), keys)
 
-    def _hits(self, collection: str, found: list[Hits]) -> list[list[Hit]]:
-        """Hits with their records: decoded ones from the record cache, the others fetched by
-        key in one query per 900 keys. Each hit gets its own copy of the record (a caller may change
-        it without changing the cache's)."""
-        c = coll_code(collection)
-        wanted = sorted({store.rid(c, int(k)) for _, keys in found for k in keys if k >= 0})
-        records: dict[int, dict[str, Any]] = {}
-        with self._records_lock:
-            for rid in wanted:
-                rec = self._records.get(rid)
-                if rec is not None:
-                    self._records.move_to_end(rid)
-                    records[rid] = rec
-        missing = [rid for rid in wanted if rid not in records]
-        for part in store.chunks(missing):
-            marks = ", ".join("?" * len(part))
-            rows = self._db().execute(
-                f"SELECT rid, captions, record FROM items WHERE rid IN ({marks})", part
-            )
-            fetched = {rid: store.record_of(caps, rec) for rid, caps, rec in rows}
-            records.update(fetched)
-            with self._records_lock:
-                self._records.update(fetched)
-                while len(self._records) > RECORD_CACHE:
-                    self._records.popitem(last=False)
-        return [
-            [
-                Hit(int(key), int(d), _copy_record(records[rid]))
-                for d, key in zip(dists, keys, strict=True)
-                if key >= 0 and (rid := store.rid(c, int(key))) in records
-            ]
-            for dists, keys in found
-        ]
-
     def item(self, item_id: str, collection: str = "images") -> dict[str, Any]:
         """The record of the live item with this id (an indexed lookup)."""
-        row = (
-            self._db()
-            .execute(
-                f"SELECT captions, record FROM items WHERE id = ? AND "
-                f"{in_collection(coll_code(collection))} AND {live_sql(self.generation)}",
-                (item_id,),
-            )
-            .fetchone()
-        )
-        if row is None:
-            raise RshashError(f"{self.path}: no {collection[:-1]} with id {item_id!r}")
-        return store.record_of(*row)
+        return self.records.item(item_id, collection, self.generation)
 
     def items(self, collection: str = "images") -> list[dict[str, Any]]:
         """Every live record of a collection, in key order (for tests and small archives)."""
-        rows = self._db().execute(
-            f"SELECT captions, record FROM items WHERE {in_collection(coll_code(collection))}"
-            f" AND {live_sql(self.generation)} ORDER BY rid"
-        )
-        return [store.record_of(*r) for r in rows]
+        return self.records.items(collection, self.generation)
 
     def __len__(self) -> int:
         return len(self.collections["images"]) if "images" in self.collections else 0

@@ -215,10 +215,14 @@ def should_verify(manifest: dict[str, Any], verify: bool | None) -> bool:
     return sum(seg["count"] for _, seg in segments(manifest)) <= VERIFY_UP_TO
 
 
-def check_files(path: Path, manifest: dict[str, Any], verify: bool | None) -> None:
-    """Raise RshashError naming the first file `manifest` needs that is missing or damaged."""
+def check_files(
+    path: Path, manifest: dict[str, Any], verify: bool | None, model: bool = True
+) -> None:
+    """Raise RshashError naming the first file `manifest` needs (and, with `model`, the model
+    copy's) that is missing or damaged."""
     verify = should_verify(manifest, verify)
-    check_model(path)
+    if model:
+        check_model(path)
     width = int(manifest["code_bytes"])
     for name, info in manifest["collections"].items():
         for seg in info["segments"]:
@@ -230,7 +234,7 @@ def check_files(path: Path, manifest: dict[str, Any], verify: bool | None) -> No
     check_records(path)  # last: on damage elsewhere, SQLite never opens (nor makes -shm files)
 
 
-def open_manifest(path: Path, verify: bool | None) -> dict[str, Any]:
+def open_manifest(path: Path, verify: bool | None, model: bool = True) -> dict[str, Any]:
     """The newest manifest of `path`, after checking the files it names.
 
     A compaction may replace the manifest and delete its segments while they are checked; a
@@ -239,12 +243,12 @@ def open_manifest(path: Path, verify: bool | None) -> dict[str, Any]:
     manifest = store.read_manifest(path)
     for _ in range(OPEN_TRIES):
         try:
-            check_files(path, manifest, verify)
+            check_files(path, manifest, verify, model)
             return manifest
         except RshashError:
             newest = store.read_manifest(path)
             if newest["generation"] == manifest["generation"]:
                 raise
             manifest = newest
-    check_files(path, manifest, verify)
+    check_files(path, manifest, verify, model)
     return manifest

@@ -13,6 +13,7 @@ generation. Both run against a local Ray (`ray.init()`) or a cluster
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -55,15 +56,21 @@ from rshash.index.cluster import (
     write_cluster,
 )
 from rshash.index.encoder import CodeEncoder
+from rshash.index.engines import Hits
 from rshash.index.filters import check_bbox, compile_where
-from rshash.index.index import Index, encoded_with, record_fields
+from rshash.index.index import Index, encoded_with
 from rshash.index.packing import empty_codes
+from rshash.index.records import Records, copy_record, record_fields
 from rshash.index.store import COLLECTIONS, LOCK_TIMEOUT_S, connect, read_manifest
 from rshash.models.run import HashRun
 from rshash.reproducibility import resolve_device
 
 START_TIMEOUT = 300.0  # seconds for every shard actor to come up
-HEALTH_TIMEOUT = 1.0  # seconds a replica has to answer a health ping
+# Seconds a shard has for one of its replicas to answer a health ping: generous, since an
+# overloaded machine delays a healthy replica's answer by seconds, and a slow /healthz only
+# costs time when a shard is really down (answers from up shards end the wait).
+HEALTH_TIMEOUT = 5.0
+HEALTH_GRACE = 0.2  # seconds the other replicas get once every shard has answered
 KEEP_GENERATIONS = 2  # shard generations a replica holds: the current and the one before
 
 __all__ = [
@@ -309,18 +316,26 @@ def _concat(work: Path, prefix: str, batches: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 0), np.uint8)
 
 
+def _records_call(replica: Any, generation: int, collection: str, keys: list[int]) -> Any:
+    return replica.records.remote(generation, collection, keys)
+
+
+def merge_found(parts: list[Hits], radius: int | None) -> tuple[np.ndarray, ...]:
+    """One query's hits from every shard as (distances, keys, shard position), ordered by
+    (distance, key) as every engine orders them."""
+    d = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    keys = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    shard = np.repeat(np.arange(len(parts)), [len(p[1]) for p in parts])
+    order = np.lexsort((keys, d))
+    return d[order], keys[order], shard[order]
+
+
 class ShardUnavailable(RshashError):
     """No replica of a shard answered in time (the service answers 503 naming it)."""
 
 
 class ShardBehind(RshashError):
     """A replica (restarted, say) does not hold the shard generation asked for."""
-
-
-def shard_files(path: Path) -> dict[str, bytes]:
-    """The files of a shard directory at the generation `shards.json` names (see `snapshot`)."""
-    cluster = read_cluster(path.parent)
-    return snapshot(path, cluster["committed"][path.name])
 
 
 class _Shard:
@@ -335,8 +350,17 @@ class _Shard:
     def __init__(
         self, name: str, generation: int, contents: Any, fields: dict[str, frozenset[str]]
     ) -> None:
+        import numba
+        import ray
+
         self.name = name
         self._held: dict[int, tuple[tempfile.TemporaryDirectory[str], Index]] = {}
+        # The search kernels' threads: as many as the CPUs Ray gave this replica (at least
+        # one). More only contend for them, with the other replicas on the node, and an idle
+        # OpenMP thread spins: with numba's default of one per core, every replica burned
+        # milliseconds of CPU after each tiny search.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        numba.set_num_threads(max(1, min(int(cpus), numba.get_num_threads())))
         self.load(generation, contents, fields)
 
     def load(self, generation: int, contents: Any, fields: dict[str, frozenset[str]]) -> None:
@@ -349,7 +373,7 @@ class _Shard:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         built = encoded_with(json.loads((Path(folder.name) / "index.json").read_text()))
-        index = Index.open(folder.name, device="cpu", backend=built)  # searches codes only
+        index = Index.open(folder.name, device="cpu", backend=built, model=False)
         index.shared_fields = fields  # a field of another shard matches nothing here
         probe = empty_codes(1, index.bits)
         for name, col in index.collections.items():  # compile the search kernels now
@@ -380,12 +404,17 @@ class _Shard:
         collection: str,
         radius: int | None,
         filters: dict[str, Any],
-    ) -> list[list[tuple[int, int, dict[str, Any]]]]:
+    ) -> list[Hits]:
+        """(distances, keys) of each query's hits in this shard: no records (the caller reads
+        those of the merged top k only), a few bytes per hit through Ray."""
         index = self._at(generation)
         if collection not in index.collections:
-            return [[] for _ in codes]
-        found = index.search_codes(codes, k, collection, radius, **filters)
-        return [[(h.key, h.distance, h.item) for h in hits] for hits in found]
+            return [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in codes]
+        return index.search_found(codes, k, collection, radius, **filters)
+
+    def records(self, generation: int, collection: str, keys: list[int]) -> dict[int, Any]:
+        """Records by key, from the shard generation held here."""
+        return self._at(generation).records.by_keys(collection, keys)
 
     def prepare(self, generation: int, collection: str, filters: dict[str, Any]) -> None:
         """Resolve a filter into the shard's cache of matching keys, ahead of its searches."""
@@ -411,16 +440,19 @@ class _Shard:
 
 
 class _Loading(threading.Thread):
-    """A refresh in progress: the replicas loading a new cluster generation's shards."""
+    """A refresh in progress: the replicas loading a new cluster generation's shards, then
+    queries switching to it (at once, not at the next look for a new generation)."""
 
     def __init__(self, index: ShardedIndex, view: _View) -> None:
         super().__init__(name="rshash-shard-refresh", daemon=True)
         self.index, self.view = index, view
         self.error: Exception | None = None
+        self.switched = False
 
     def run(self) -> None:
         try:
             self.index._load(self.view)
+            self.switched = self.index._switch(self.view)
         except Exception as exc:  # handed to the next refresh() call
             self.error = exc
 
@@ -479,6 +511,8 @@ class ShardedIndex(Queries):
             first = cluster["shards"][0]
             raise RshashError(f"{path / bad}: shard was built with another model than {first}")
         self._view = self._view_of(cluster)
+        # Hits' records are read here, from the shard directories, for the merged top k only.
+        self._records = {n: Records.reading(path / n) for n in self._view.names}
         first = self._view.names[0]
         self.encoder = CodeEncoder(HashRun.open(path / first / "model"), device, backend)
         for name in self._view.names:
@@ -637,13 +671,19 @@ class ShardedIndex(Queries):
             )
         ray.get(refs)
 
-    def _scatter(self, view: _View, what: str, call: Callable[[Any, int], Any]) -> list[Any]:
-        """Every shard's answer to `call(replica, shard generation)`, from one replica each:
-        the next in turn, another when one fails or is slow; ShardUnavailable naming the shards
-        with no answer within the timeout."""
+    def _scatter(
+        self,
+        view: _View,
+        what: str,
+        call: Callable[[Any, int], Any],
+        names: list[str] | None = None,
+    ) -> list[Any]:
+        """Every shard's (or those of `names`) answer to `call(replica, shard generation)`,
+        from one replica each: the next in turn, another when one fails or is slow;
+        ShardUnavailable naming the shards with no answer within the timeout."""
         actors = self._started()
         ray = self._ray
-        names, count = view.names, self.replicas
+        names, count = names or view.names, self.replicas
         turn = next(self._turn)
         tried = dict.fromkeys(names, 0)
         outstanding: dict[Any, str] = {}
@@ -721,10 +761,7 @@ class ShardedIndex(Queries):
                 self._loading = None
                 if loading.error is not None:
                     raise loading.error
-                if loading.view.generation == self._view.generation:
-                    return False
-                self._view = loading.view
-                return True
+                return loading.switched
             cluster = read_cluster(self.path)
             if int(cluster["generation"]) == self._view.generation:
                 return False
@@ -735,6 +772,14 @@ class ShardedIndex(Queries):
             self._loading = _Loading(self, view)
             self._loading.start()
             return False
+
+    def _switch(self, view: _View) -> bool:
+        """Queries from now on see `view` (unless a newer one is already seen)."""
+        with self._refresh_lock:
+            if view.generation <= self._view.generation:
+                return False
+            self._view = view
+            return True
 
     def _refresh_now(self) -> None:
         """Switch to the newest generation before returning (after this index's own change)."""
@@ -775,26 +820,28 @@ class ShardedIndex(Queries):
     def degraded(self, timeout: float = HEALTH_TIMEOUT) -> list[str]:
         """Names of the shards of which no replica answers a ping within `timeout` seconds.
 
-        Also updates `nodes`: the Ray node ids the answering replicas run on.
+        Also updates `nodes`: the Ray node ids the answering replicas run on. Returns once
+        every shard has an answer (and HEALTH_GRACE more for the other replicas) or at the
+        timeout.
         """
         actors = self._started()
         ray = self._ray
-        refs = {name: [a.ping.remote() for a in reps] for name, reps in actors.items()}
-        every = [r for rs in refs.values() for r in rs]
-        _, pending = ray.wait(every, num_returns=len(every), timeout=timeout)
-        waiting = set(pending)
-        down = []
-        for name, rs in refs.items():
-            nodes = []
-            for ref in rs:
-                try:
-                    if ref not in waiting:
-                        nodes.append(ray.get(ref)[1])
-                except ray.exceptions.RayError:
-                    pass
-            self.nodes[name] = nodes
-            if not nodes:
-                down.append(name)
+        owner = {a.ping.remote(): name for name, reps in actors.items() for a in reps}
+        nodes: dict[str, list[str]] = {name: [] for name in actors}
+        pending = list(owner)
+        deadline = time.monotonic() + timeout
+        while pending:
+            if all(nodes.values()):
+                deadline = min(deadline, time.monotonic() + HEALTH_GRACE)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in ready:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    nodes[owner[ref]].append(ray.get(ref)[1])
+        self.nodes.update(nodes)
+        down = [name for name, found in nodes.items() if not found]
         self.last_degraded = down
         return down
 
@@ -839,15 +886,45 @@ class ShardedIndex(Queries):
             "search",
             lambda a, g: a.search.remote(g, codes, k, collection, radius, filters),
         )
-        merged = []
-        for q in range(len(codes)):
-            hits = sorted((h for part in parts for h in part[q]), key=lambda h: (h[1], h[0]))
-            hits = hits if radius is not None else hits[:k]
-            merged.append([Hit(key, d, item) for key, d, item in hits])
-        return merged
+        merged = [merge_found([part[q] for part in parts], radius) for q in range(len(codes))]
+        if radius is None:
+            merged = [(d[:k], keys[:k], shard[:k]) for d, keys, shard in merged]
+        records = self._hit_records(view, collection, merged)
+        return [
+            [
+                Hit(key, dist, copy_record(records[s][key]))
+                for dist, key, s in zip(d.tolist(), keys.tolist(), shard.tolist(), strict=True)
+                if key in records[s]
+            ]
+            for d, keys, shard in merged
+        ]
+
+    def _hit_records(
+        self, view: _View, collection: str, merged: list[tuple[np.ndarray, ...]]
+    ) -> list[dict[int, dict[str, Any]]]:
+        """Per shard (by position in the view), the records of its keys among the hits: read
+        from its directory; a record gone from there (compacted since this view's generation)
+        comes from a replica, which holds the generation."""
+        found = []
+        for s, name in enumerate(view.names):
+            keys = np.unique(np.concatenate([m[1][m[2] == s] for m in merged] or [np.zeros(0)]))
+            records = self._records[name].by_keys(collection, keys.tolist())
+            gone = [int(k) for k in keys.tolist() if int(k) not in records]
+            if gone:
+                ask = partial(_records_call, collection=collection, keys=gone)
+                [held] = self._scatter(view, "records", ask, [name])
+                records = {**records, **held}
+            found.append(records)
+        return found
 
     def item(self, item_id: str, collection: str = "images") -> dict[str, Any]:
         view = self._view
+        for name in view.names:
+            try:
+                local = self._records[name].item(item_id, collection, view.shard_generation(name))
+                return local
+            except RshashError:
+                continue
         found = self._scatter(view, "item", lambda a, g: a.item.remote(g, item_id, collection))
         for it in found:
             if it is not None:
