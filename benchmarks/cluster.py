@@ -4,12 +4,16 @@ Several raylets on this machine (`ray.cluster_utils.Cluster`: a head without CPU
 1-CPU worker nodes): the figures measure the sharded path's overhead, not scale. Index: the UCM
 test index (`.cache/tests/ucm-index`, 64-bit DUCH codes) and the same items in 2 shards.
 
-Scenarios, each closed-loop text clients through `rshash serve` in its own process: the local
-index; 2 shards × 2 replicas; the same while one worker node is removed. Freshness: time from an
-add's commit (local: `index.json`; sharded: `shards.json` flipped) to /healthz counting the new
-items, in `--refresh-interval`s. Records (`results/cluster.json`): scenario, replicas,
+Both services run side by side (`rshash serve` processes: the local index, and 2 shards × 2
+replicas), and closed-loop wrk text clients load them in alternating rounds (local first in even
+rounds, sharded first in odd ones), so that whatever else the machine runs weighs on both alike;
+each figure is the median over the rounds, and `server_cpu_ms` is the CPU the service spent per
+request (the serve process and, sharded, every shard replica). Then the sharded service through a
+worker node's removal (its own round, beside a local round just before it). Freshness: time from
+an add's commit (local: `index.json`; sharded: `shards.json` flipped) to /healthz counting the
+new items, in `--refresh-interval`s. Records (`results/cluster.json`): scenario, replicas,
 node_removed, rps, p50_ms, p99_ms, errors, overhead (1 − sharded rps ÷ local rps),
-visible_after_intervals. Usage: python -m benchmarks.cluster [--seconds 20] [--clients 50]
+visible_after_intervals. Usage: python -m benchmarks.cluster [--seconds 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import numpy as np
 
 from benchmarks.common import DATA_ROOT, REPO, markdown_table, write_results
 from benchmarks.service_load import (
-    Outcome,
     start_server,
     text_pool,
     text_request,
@@ -84,28 +87,68 @@ def start_cluster() -> Any:
     return c, workers
 
 
-def entry(scenario: str, replicas: int, removed: bool, got: Outcome) -> dict[str, Any]:
-    return {
-        "scenario": scenario,
-        "replicas": replicas,
-        "node_removed": removed,
-        "rps": round(got.served / got.seconds, 1),
-        "p50_ms": round(got.p50_ms, 1),
-        "p99_ms": round(got.p99_ms, 1),
-        "errors": sum(got.errors.values()) + got.shed,
-        "client_cpu": round(got.client_cpu, 3),
-    }
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds so far of each of these processes still running."""
+    spent = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        spent[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return spent
 
 
-def load(
-    port: int, requests: list, clients: int, seconds: float, work: Path, during: Any = None
-) -> Outcome:
-    """Closed-loop wrk clients for `seconds` over a seeded order of `requests`; `during` runs in a
-    thread a third of the way in."""
+def replica_pids() -> list[int]:
+    """The shard replicas' processes (Ray names them after the actor class)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::_Shard"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def round_of(
+    port: int,
+    pids: list[int],
+    requests: list,
+    clients: int,
+    seconds: float,
+    work: Path,
+    during=None,
+) -> dict[str, Any]:
+    """One closed-loop round over a seeded order of `requests` (`during` runs in a thread a
+    third of the way in): the client's figures and the service's CPU per request."""
     order = [int(i) for i in np.random.default_rng(0).integers(0, len(requests), 200_000)]
     if during is not None:
         threading.Timer(seconds / 3, during).start()
-    return wrk_closed_loop(port, requests, order, clients, seconds, work)
+    before = cpu_seconds(pids)
+    got = wrk_closed_loop(port, requests, order, clients, seconds, work)
+    after = cpu_seconds(pids)  # a replica lost with its node counts up to its last reading
+    spent = sum(after.get(pid, t) - t for pid, t in before.items())
+    return {
+        "rps": got.served / got.seconds,
+        "p50_ms": got.p50_ms,
+        "p99_ms": got.p99_ms,
+        "errors": sum(got.errors.values()) + got.shed,
+        "client_cpu": got.client_cpu,
+        "server_cpu_ms": 1e3 * spent / max(got.served, 1),
+    }
+
+
+def entry(scenario: str, replicas: int, removed: bool, rounds: list[dict[str, Any]]) -> dict:
+    """A scenario's record: medians over its rounds (errors: their sum)."""
+    out: dict[str, Any] = {"scenario": scenario, "replicas": replicas, "node_removed": removed}
+    for key in ("rps", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu"):
+        out[key] = round(float(np.median([r[key] for r in rounds])), 3 if "cpu" in key else 1)
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["rounds"] = len(rounds)
+    return out
 
 
 def freshness(index_path: Path, port: int, start: int) -> float:
@@ -127,52 +170,71 @@ def freshness(index_path: Path, port: int, start: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=10, help="Seconds per round.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds per scenario.")
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--port", type=int, default=0, help="Server port (0: a free one).")
     parser.add_argument("--name", default="cluster", help="Results file name (without suffix).")
     args = parser.parse_args()
-    args.port = args.port or free_port()
     requests = [text_request(q) for q in text_pool(random.Random(0))]
     root = Path(tempfile.mkdtemp(prefix="rshash-cluster-bench-"))
-    results: list[dict[str, Any]] = []
     c, workers = start_cluster()
+    servers = []
     try:
         local, shards = make_indexes(root)
         refresh = ["--refresh-interval", str(REFRESH_S)]
-        server = start_server(local, args.port, refresh)
-        try:
-            got = load(args.port, requests, args.clients, args.seconds, root / "wrk-local")
-            results.append(entry("local", 0, False, got))
-            results[-1]["visible_after_intervals"] = freshness(local, args.port, 0)
-        finally:
-            server.terminate()
-            server.wait()
-        sharded = [*refresh, "--ray-address", c.address, "--replicas", "2", "--device", "cpu"]
-        server = start_server(shards, args.port, sharded)
-        try:
-            got = load(args.port, requests, args.clients, args.seconds, root / "wrk-sharded")
-            results.append(entry("sharded", 2, False, got))
-            results[-1]["visible_after_intervals"] = freshness(shards, args.port, 100)
-            lose = lambda: c.remove_node(workers[0])  # noqa: E731
-            got = load(args.port, requests, args.clients, args.seconds, root / "wrk-loss", lose)
-            results.append(entry("sharded_node_loss", 2, True, got))
-        finally:
-            server.terminate()
-            server.wait()
+        sharded_options = [*refresh, "--ray-address", c.address, "--replicas", "2"]
+        ports = {"local": free_port(), "sharded": free_port()}
+        servers.append(start_server(local, ports["local"], refresh))
+        servers.append(
+            start_server(shards, ports["sharded"], [*sharded_options, "--device", "cpu"])
+        )
+        pids = {"local": [servers[0].pid], "sharded": [servers[1].pid, *replica_pids()]}
+        rounds: dict[str, list[dict[str, Any]]] = {"local": [], "sharded": []}
+        for r in range(args.rounds):
+            for name in ("local", "sharded") if r % 2 == 0 else ("sharded", "local"):
+                work = root / f"wrk-{name}-{r}"
+                got = round_of(ports[name], pids[name], requests, args.clients, args.seconds, work)
+                rounds[name].append(got)
+                print(f"round {r} {name}: {got['rps']:.1f} req/s", flush=True)
+        results = [entry("local", 0, False, rounds["local"])]
+        results.append(entry("sharded", 2, False, rounds["sharded"]))
+        results[0]["visible_after_intervals"] = freshness(local, ports["local"], 0)
+        results[1]["visible_after_intervals"] = freshness(shards, ports["sharded"], 100)
+        just_before = round_of(
+            ports["local"], pids["local"], requests, args.clients, args.seconds, root / "wrk-l"
+        )
+        lose = lambda: c.remove_node(workers[0])  # noqa: E731
+        loss = round_of(
+            ports["sharded"],
+            pids["sharded"],
+            requests,
+            args.clients,
+            args.seconds,
+            root / "wrk-loss",
+            lose,
+        )
+        results.append(entry("sharded_node_loss", 2, True, [loss]))
+        results[-1]["local_rps_just_before"] = round(just_before["rps"], 1)
     finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
         c.shutdown()
         shutil.rmtree(root, ignore_errors=True)
     local_rps = results[0]["rps"]
     for r in results:
-        r["overhead"] = round(1 - r["rps"] / local_rps, 3) if local_rps else None
+        base = r.get("local_rps_just_before", local_rps)
+        r["overhead"] = round(1 - r["rps"] / base, 3) if base else None
         r.setdefault("visible_after_intervals", None)
-    header = list(results[0])
-    rows = [[str(r[k]) for k in header] for r in results]
+    header = [k for k in results[0] if k != "rounds"] + ["overhead"]
+    header = list(dict.fromkeys(header))
+    rows = [[str(r.get(k)) for k in header] for r in results]
     note = (
-        f"{args.clients} closed-loop text clients (wrk; client_cpu: its share of one core), "
-        f"{args.seconds:g} s per scenario, on a Ray test cluster on loopback (head + 3 one-CPU "
-        "nodes on this machine)."
+        f"{args.clients} closed-loop text clients (wrk; client_cpu: its share of one core); both "
+        f"services up side by side and loaded in {args.rounds} alternating rounds of "
+        f"{args.seconds:g} s (medians); server_cpu_ms: CPU per request of the serve process and "
+        "the shard replicas; the node-loss round's overhead is against a local round just "
+        "before it. Ray test cluster on loopback (head + 3 one-CPU nodes on this machine)."
     )
     write_results(args.name, results, f"{note}\n\n" + markdown_table(header, rows))
 
