@@ -71,6 +71,12 @@ START_TIMEOUT = 300.0  # seconds for every shard actor to come up
 # costs time when a shard is really down (answers from up shards end the wait).
 HEALTH_TIMEOUT = 5.0
 HEALTH_GRACE = 0.2  # seconds the other replicas get once every shard has answered
+# A call not answered within HEDGE_FACTOR × the recent typical call time (at least HEDGE_MIN_S,
+# at most timeout / (replicas + 1)) is asked of the next replica too: a replica whose node just
+# died hangs until Ray declares it dead (seconds), and every query sent to it would wait as long.
+HEDGE_FACTOR = 4.0
+HEDGE_MIN_S = 0.25
+SUSPECT_S = 2.0  # a replica that failed or was hedged past is asked last for this long
 KEEP_GENERATIONS = 2  # shard generations a replica holds: the current and the one before
 
 __all__ = [
@@ -476,8 +482,10 @@ class ShardedIndex(Queries):
     Each shard's files are read here and shipped through Ray's object store (no node needs the
     driver's path). Replicas of a shard run on different nodes (a STRICT_SPREAD placement
     group); a query goes to the next replica of each shard in turn, and to another replica when
-    one fails or has not answered within `timeout` / (replicas + 1) seconds, so a lost node
-    costs no query while another replica lives. With one replica, actors restart when they or
+    one fails or is slow (HEDGE_FACTOR × the typical call time, between HEDGE_MIN_S and
+    `timeout` / (replicas + 1) seconds), so a lost node costs no query while another replica
+    lives; replicas that failed or lagged are asked last for SUSPECT_S. Replicas return keys
+    and distances; the merged top k's records are read from the shard directories here. With one replica, actors restart when they or
     their node die, calls in flight are retried on the restarted actor, and a shard that does
     not answer within `timeout` seconds fails the query with `ShardUnavailable` naming it.
     Actors start at the first search, so opening one to change it (`add`, `remove`, `compact`:
@@ -524,6 +532,8 @@ class ShardedIndex(Queries):
         self._contents: dict[str, tuple[int, Any]] = {}
         self._first_contents: dict[str, Any] = {}
         self._turn = itertools.count()
+        self._typical_s = HEDGE_MIN_S  # moving average of a scatter's time, for the hedge delay
+        self._suspect: dict[tuple[str, int], float] = {}  # (shard, replica): asked last until
         self._start_lock = threading.Lock()
         self._writer: ShardWriter | None = None
         self._refresh_lock = threading.Lock()
@@ -679,55 +689,72 @@ class ShardedIndex(Queries):
         names: list[str] | None = None,
     ) -> list[Any]:
         """Every shard's (or those of `names`) answer to `call(replica, shard generation)`,
-        from one replica each: the next in turn, another when one fails or is slow;
-        ShardUnavailable naming the shards with no answer within the timeout."""
+        from one replica each: the next in turn (replicas that lately failed or lagged last),
+        another when one fails or is slow; ShardUnavailable naming the shards with no answer
+        within the timeout."""
         actors = self._started()
         ray = self._ray
         names, count = names or view.names, self.replicas
         turn = next(self._turn)
+        now = time.monotonic()
+        suspect = {key for key, until in self._suspect.items() if until > now}
+        rotated = [(turn + j) % count for j in range(count)]
+        order = {  # in turn, suspects last
+            name: [i for i in rotated if (name, i) not in suspect]
+            + [i for i in rotated if (name, i) in suspect]
+            for name in names
+        }
         tried = dict.fromkeys(names, 0)
-        outstanding: dict[Any, str] = {}
+        outstanding: dict[Any, tuple[str, int]] = {}
         results: dict[str, Any] = {}
         failed: dict[str, str] = {}
 
         def launch(name: str) -> None:
-            replica = actors[name][(turn + tried[name]) % count]
+            replica = order[name][tried[name]]
             tried[name] += 1
-            outstanding[call(replica, view.shard_generation(name))] = name
+            ref = call(actors[name][replica], view.shard_generation(name))
+            outstanding[ref] = (name, replica)
 
         for name in names:
             launch(name)
         start = time.monotonic()
-        hedge = self.timeout / (count + 1)
-        next_hedge = start + hedge
+        hedge = min(self.timeout / (count + 1), max(HEDGE_MIN_S, HEDGE_FACTOR * self._typical_s))
+        next_hedge, hedged = start + hedge, False
         while outstanding and len(results) < len(names):
-            now = time.monotonic()
             until = start + self.timeout
             if count > 1:
                 until = min(until, next_hedge)
-            ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=max(0.0, until - now))
+            left = max(0.0, until - time.monotonic())
+            ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=left)
             if not ready:
                 if time.monotonic() >= start + self.timeout:
                     break
-                for name in names:  # slow: ask the next replica too
+                hedged = True
+                for late, replica in outstanding.values():  # slow: ask the next replica too
+                    if late not in results:
+                        self._suspect[(late, replica)] = time.monotonic() + SUSPECT_S
+                for name in names:
                     if name not in results and tried[name] < count:
                         launch(name)
                 next_hedge += hedge
                 continue
-            name = outstanding.pop(ready[0])
-            if name in results:
-                continue
+            name, replica = outstanding.pop(ready[0])
             try:
-                results[name] = ray.get(ready[0])
+                answer = ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                failed[name] = type(exc).__name__
-                if tried[name] < count:
+                self._suspect[(name, replica)] = time.monotonic() + SUSPECT_S
+                failed.setdefault(name, type(exc).__name__)
+                if name not in results and tried[name] < count:
                     launch(name)
+                continue
             except ShardBehind as exc:
-                failed[name] = str(exc)
+                failed.setdefault(name, str(exc))
                 self._reload(name, view)
-                if tried[name] < count:
+                if name not in results and tried[name] < count:
                     launch(name)
+                continue
+            self._suspect.pop((name, replica), None)
+            results.setdefault(name, answer)
         missing = []
         for name in names:
             if name not in results:
@@ -735,6 +762,8 @@ class ShardedIndex(Queries):
                 missing.append(f"{name} ({why})")
         if missing:
             raise ShardUnavailable(f"{self.path}: {what}: shard {', '.join(missing)} unavailable")
+        if not hedged:
+            self._typical_s += 0.05 * (time.monotonic() - start - self._typical_s)
         return [results[n] for n in names]
 
     def _reload(self, name: str, view: _View) -> None:
