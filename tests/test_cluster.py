@@ -17,6 +17,7 @@ from rshash.data import load_dataset
 from rshash.errors import RshashError
 from rshash.index import Index, open_index
 from rshash.index.cluster import SHARDS, check_cluster, read_cluster, snapshot
+from rshash.index.sharded import ShardedIndex
 from rshash.service import ServiceConfig
 from tests.conftest import make_caption_dataset, rshash_cli, shards_of_index
 from tests.service_server import running_service
@@ -286,3 +287,44 @@ def test_more_replicas_than_nodes_fails_at_startup(local_ray, shards):
 
     with pytest.raises(RshashError, match=r"--replicas 2: needs as many Ray nodes, .* has 1$"):
         create_app(shards, ServiceConfig(replicas=2))
+
+
+def test_a_served_view_switches_once_loaded_and_keeps_its_records(local_ray, shards):
+    """Guards against two faults of a sharded reader:
+    - a new cluster generation served only at the next look for one (a whole
+      `--refresh-interval` after the replicas hold it): it must switch as soon as they load it;
+    - hits whose records the driver reads from the shard directories: a writer that removes an
+      item and compacts deletes its row, while a reader still at the older generation finds it;
+      that hit must keep its record (from the replica, which holds the generation)."""
+    reader = ShardedIndex(shards, shard_cpus=0.5)
+    writer = open_index(shards)
+    shard = Index.open(shards / "shard-000")
+    codes, keys = shard.collections["images"].codes, shard.collections["images"].keys
+    reader.health()  # replicas up, no record read yet
+    gen = reader.generation
+    gone = shard.records.by_keys("images", [int(keys[0])])[int(keys[0])]
+
+    writer.remove([gone["id"]])
+    writer.commit()
+    writer.compact()  # the removed row is deleted from its shard's records.db
+    assert not Index.open(shards / "shard-000").records.by_keys("images", [int(keys[0])])
+    assert reader.generation == gen  # not refreshed yet: still finds the item
+    [again] = reader.search_codes(codes[:1], 1)
+    assert again[0].key == keys[0] and again[0].item == gone
+
+    assert reader.refresh() is False  # the replicas start loading the new generation
+    reader._loading.join(60)
+    assert reader.generation == read_cluster(shards)["generation"]  # switched without a call
+    assert reader.refresh() is True  # reported once
+    [after] = reader.search_codes(codes[:1], 1)
+    assert after[0].item["id"] != gone["id"]
+
+
+def test_replicas_get_codes_and_records_but_no_model(shards):
+    """Guards against shipping the model (29 MB of weights for the test run) to every replica,
+    which only searches codes: with the object store filling, Ray garbage-collected every worker
+    over and over."""
+    cluster = read_cluster(shards)
+    files = snapshot(shards / "shard-000", cluster["committed"]["shard-000"])
+    assert "index.json" in files and "records.db" in files
+    assert not [name for name in files if name.startswith("model")]
