@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from rshash.cli import app
 from rshash.data import load_dataset
-from rshash.errors import RshashError
 from rshash.index import Index, open_index
 from rshash.index.build import build_index
 from rshash.index.packing import code_bytes, pack_codes, pad_packed
@@ -247,14 +246,6 @@ def test_updates_keep_sharded_and_local_alike(local_ray, archive_of_bits, bits, 
     assert "images: 2101 items, 0 removed" in _cli("index", "info", tmp_path / "shards")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RshashError,
-    reason="the replicas of a shard that a change did not touch keep the field list of the"
-    " generation they loaded (ShardedIndex._load skips unchanged shards, and _Shard.load sets"
-    " shared_fields only when it loads): where on a field only the new items have raises"
-    " 'unknown field' in the other shard",
-)
 def test_a_field_new_to_one_shard_filters_after_a_refresh(local_ray, archive_of_bits, tmp_path):
     """Guards against a where filter on a field that an add brought into one shard failing in
     the other shards of an open sharded index (the service's) after it refreshed: it must

@@ -410,10 +410,12 @@ class _Shard:
         collection: str,
         radius: int | None,
         filters: dict[str, Any],
+        fields: dict[str, frozenset[str]] | None = None,
     ) -> list[Hits]:
         """(distances, keys) of each query's hits in this shard: no records (the caller reads
-        those of the merged top k only), a few bytes per hit through Ray."""
-        index = self._at(generation)
+        those of the merged top k only), a few bytes per hit through Ray. A filter comes with
+        the fields of every shard (see `_Shard.filtering`)."""
+        index = self.filtering(self._at(generation), fields)
         if collection not in index.collections:
             return [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in codes]
         return index.search_found(codes, k, collection, radius, **filters)
@@ -422,9 +424,24 @@ class _Shard:
         """Records by key, from the shard generation held here."""
         return self._at(generation).records.by_keys(collection, keys)
 
-    def prepare(self, generation: int, collection: str, filters: dict[str, Any]) -> None:
+    @staticmethod
+    def filtering(index: Index, fields: dict[str, frozenset[str]] | None) -> Index:
+        """`index`, knowing the fields of the cluster generation a filter is checked against:
+        a change to another shard may have added fields that this shard (unchanged, not
+        reloaded) matches nothing for."""
+        if fields is not None:
+            index.shared_fields = fields
+        return index
+
+    def prepare(
+        self,
+        generation: int,
+        collection: str,
+        filters: dict[str, Any],
+        fields: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         """Resolve a filter into the shard's cache of matching keys, ahead of its searches."""
-        index = self._at(generation)
+        index = self.filtering(self._at(generation), fields)
         if collection in index.collections:
             index.matching_keys(collection, **filters)
 
@@ -485,9 +502,10 @@ class ShardedIndex(Queries):
     one fails or is slow (HEDGE_FACTOR × the typical call time, between HEDGE_MIN_S and
     `timeout` / (replicas + 1) seconds), so a lost node costs no query while another replica
     lives; replicas that failed or lagged are asked last for SUSPECT_S. Replicas return keys
-    and distances; the merged top k's records are read from the shard directories here. With one replica, actors restart when they or
-    their node die, calls in flight are retried on the restarted actor, and a shard that does
-    not answer within `timeout` seconds fails the query with `ShardUnavailable` naming it.
+    and distances; the merged top k's records are read from the shard directories here. With
+    one replica, actors restart when they or their node die, calls in flight are retried on
+    the restarted actor, and a shard that does not answer within `timeout` seconds fails the
+    query with `ShardUnavailable` naming it.
     Actors start at the first search, so opening one to change it (`add`, `remove`, `compact`:
     see `cluster.ShardWriter`, run where the shard directories are) needs no Ray.
     """
@@ -890,8 +908,11 @@ class ShardedIndex(Queries):
         ahead of the search (the keys stay in the shards: the search applies the filter)."""
         view = self._view
         filters = self._filters(view, collection, where, bbox)
+        fields = view.fields if where is not None else None
         if filters:
-            self._scatter(view, "filter", lambda a, g: a.prepare.remote(g, collection, filters))
+            self._scatter(
+                view, "filter", lambda a, g: a.prepare.remote(g, collection, filters, fields)
+            )
 
     def search_codes(
         self,
@@ -909,11 +930,12 @@ class ShardedIndex(Queries):
             raise RshashError(f"{self.path}: shards resolve filters themselves; pass where/bbox")
         view = self._view
         filters = self._filters(view, collection, where, bbox)
+        fields = view.fields if where is not None else None
         codes = np.ascontiguousarray(codes, np.uint8)
         parts = self._scatter(
             view,
             "search",
-            lambda a, g: a.search.remote(g, codes, k, collection, radius, filters),
+            lambda a, g: a.search.remote(g, codes, k, collection, radius, filters, fields),
         )
         merged = [merge_found([part[q] for part in parts], radius) for q in range(len(codes))]
         if radius is None:
