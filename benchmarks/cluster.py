@@ -129,7 +129,7 @@ def round_of(
         threading.Timer(seconds / 3, during).start()
     before = cpu_seconds(pids)
     got = wrk_closed_loop(port, requests, order, clients, seconds, work)
-    after = cpu_seconds(pids)  # a replica lost with its node counts up to its last reading
+    after = cpu_seconds(pids)  # a replica lost with its node (or one started since): not counted
     spent = sum(after.get(pid, t) - t for pid, t in before.items())
     return {
         "rps": got.served / got.seconds,
@@ -148,6 +148,48 @@ def entry(scenario: str, replicas: int, removed: bool, rounds: list[dict[str, An
         out[key] = round(float(np.median([r[key] for r in rounds])), 3 if "cpu" in key else 1)
     out["errors"] = sum(r["errors"] for r in rounds)
     out["rounds"] = len(rounds)
+    return out
+
+
+def system_cpu() -> float:
+    """CPU seconds the whole machine has spent (every process, user + system)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def search_path(local: Path, shards: Path, address: str, batches: int = 300) -> list[dict]:
+    """`search_codes` alone (no encoder, no HTTP), a batch of 16 queries at k = 20: wall time
+    and the machine's CPU per batch, local index and 2 shards × 2 replicas, before the services
+    start (the machine otherwise idle)."""
+    import ray
+
+    from rshash.index.sharded import ShardedIndex
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        queries = np.random.default_rng(0).integers(0, 256, (16, 8), np.uint8)
+        out = []
+        for name, index in (
+            ("local", Index.open(local)),
+            ("sharded", ShardedIndex(shards, address=address, replicas=2)),
+        ):
+            index.search_codes(queries, 20)
+            walls, cpu = [], system_cpu()
+            for _ in range(batches):
+                start = time.perf_counter()
+                index.search_codes(queries, 20)
+                walls.append(time.perf_counter() - start)
+            out.append(
+                {
+                    "scenario": f"search_codes_{name}",
+                    "replicas": 2 if name == "sharded" else 0,
+                    "batch": 16,
+                    "p50_ms": round(1e3 * float(np.median(walls)), 2),
+                    "cpu_ms": round(1e3 * (system_cpu() - cpu) / batches, 2),
+                }
+            )
+    finally:
+        ray.shutdown()  # the driver's replicas go with it
     return out
 
 
@@ -181,7 +223,10 @@ def main() -> None:
     servers = []
     try:
         local, shards = make_indexes(root)
-        refresh = ["--refresh-interval", str(REFRESH_S)]
+        path = search_path(local, shards, c.address)
+        # Query cache off: rounds replay one seeded order, and a cache warmed by earlier rounds
+        # would make later rounds (of either service) measure repeats, not searches.
+        refresh = ["--refresh-interval", str(REFRESH_S), "--query-cache", "0"]
         sharded_options = [*refresh, "--ray-address", c.address, "--replicas", "2"]
         ports = {"local": free_port(), "sharded": free_port()}
         servers.append(start_server(local, ports["local"], refresh))
@@ -230,13 +275,21 @@ def main() -> None:
     header = list(dict.fromkeys(header))
     rows = [[str(r.get(k)) for k in header] for r in results]
     note = (
-        f"{args.clients} closed-loop text clients (wrk; client_cpu: its share of one core); both "
+        f"{args.clients} closed-loop text clients (wrk; client_cpu: its share of one core), query "
+        "cache off; both "
         f"services up side by side and loaded in {args.rounds} alternating rounds of "
         f"{args.seconds:g} s (medians); server_cpu_ms: CPU per request of the serve process and "
         "the shard replicas; the node-loss round's overhead is against a local round just "
         "before it. Ray test cluster on loopback (head + 3 one-CPU nodes on this machine)."
     )
-    write_results(args.name, results, f"{note}\n\n" + markdown_table(header, rows))
+    path_header = list(path[0])
+    path_rows = [[str(r[k]) for k in path_header] for r in path]
+    path_note = (
+        "The search path alone (`search_codes`, 16 queries, k = 20, no encoder or HTTP; cpu_ms: "
+        "the whole machine's CPU per batch):"
+    )
+    tables = f"{note}\n\n{markdown_table(header, rows)}\n\n{path_note}\n\n"
+    write_results(args.name, results + path, tables + markdown_table(path_header, path_rows))
 
 
 if __name__ == "__main__":
