@@ -322,8 +322,8 @@ def test_a_served_view_switches_once_loaded_and_keeps_its_records(local_ray, sha
 
 def test_replicas_get_codes_and_records_but_no_model(shards):
     """Guards against shipping the model (29 MB of weights for the test run) to every replica,
-    which only searches codes: with the object store filling, Ray garbage-collected every worker
-    over and over."""
+    which only searches codes: 29 MB more to send and load per replica at every new
+    generation, which delayed the switch to it."""
     cluster = read_cluster(shards)
     files = snapshot(shards / "shard-000", cluster["committed"]["shard-000"])
     assert "index.json" in files and "records.db" in files
