@@ -224,3 +224,28 @@ def fiji_scene_index(ucm_run: Path, fiji_scene: Path) -> Path:
     out = fiji_scene.parent / "index"
     build_index(ucm_run, SceneTiles(fiji_scene), out, BuildConfig(device="cpu"), progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray of this machine for the module (`address="local"`: never another session's)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def cli_in_process(*args) -> str:
+    """The CLI in this process (one Ray for every sharded search, instead of one per call)."""
+    from typer.testing import CliRunner
+
+    from rshash.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def ranked(output: str) -> list[tuple[str, int]]:
+    """(id, distance) of each hit of `rshash search --format json` output."""
+    return [(h["id"], h["distance"]) for h in json.loads(output)]

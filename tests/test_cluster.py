@@ -19,7 +19,7 @@ from rshash.index import Index, open_index
 from rshash.index.cluster import SHARDS, check_cluster, read_cluster, snapshot
 from rshash.index.sharded import ShardedIndex
 from rshash.service import ServiceConfig
-from tests.conftest import make_caption_dataset, rshash_cli, shards_of_index
+from tests.conftest import cli_in_process, make_caption_dataset, ranked, rshash_cli, shards_of_index
 from tests.service_server import running_service
 
 
@@ -117,14 +117,6 @@ def test_sharded_add_goes_to_the_smallest_shard_with_global_keys(shards):
     assert read_cluster(shards)["generation"] == 2
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _renamed(root):
     """The dataset at `root` with its images renamed new-*, so that they are not in UCM."""
     data = json.loads((root / "dataset.json").read_text())
@@ -133,17 +125,6 @@ def _renamed(root):
         entry["filename"] = f"new-{entry['filename']}"
     (root / "dataset.json").write_text(json.dumps(data))
     return root
-
-
-def _cli(*args):
-    """The CLI in this process (one Ray for every sharded search, instead of one per call)."""
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
-def _ranked(output):
-    return [(h["id"], h["distance"]) for h in json.loads(output)]
 
 
 @pytest.mark.slow
@@ -158,8 +139,8 @@ def test_sharded_and_local_give_the_same_hits_everywhere(local_ray, shards, ucm_
     both = (local, shards)
 
     def searches(path):
-        table = _cli("search", path, "a river", "-k", "8")
-        where = _cli(
+        table = cli_in_process("search", path, "a river", "-k", "8")
+        where = cli_in_process(
             "search",
             path,
             "a river",
@@ -170,18 +151,20 @@ def test_sharded_and_local_give_the_same_hits_everywhere(local_ray, shards, ucm_
             "--where",
             'class = "river" or class = "beach"',
         )
-        box = _cli("search", path, "a river", "--format", "geojson", "--bbox", "-10,-10,10,10")
-        return table, _ranked(where), json.loads(box)["features"]
+        box = cli_in_process(
+            "search", path, "a river", "--format", "geojson", "--bbox", "-10,-10,10,10"
+        )
+        return table, ranked(where), json.loads(box)["features"]
 
     assert searches(local) == searches(shards)
     for path in both:
-        assert "images: 2100 items" in _cli("index", "info", path)
-        assert "added 2 images" in _cli("index", "add", path, new, "--device", "cpu")
-        assert "removed 1 images" in _cli("index", "remove", path, "1.jpg")
+        assert "images: 2100 items" in cli_in_process("index", "info", path)
+        assert "added 2 images" in cli_in_process("index", "add", path, new, "--device", "cpu")
+        assert "removed 1 images" in cli_in_process("index", "remove", path, "1.jpg")
     assert searches(local) == searches(shards)
     for path in both:
-        _cli("index", "compact", path)
-        assert "images: ok, items 2101" in _cli("index", "check", path)
+        cli_in_process("index", "compact", path)
+        assert "images: ok, items 2101" in cli_in_process("index", "check", path)
     assert searches(local) == searches(shards)
     assert (shards / SHARDS).is_file() and read_cluster(shards)["generation"] == 4
 
@@ -216,7 +199,7 @@ def test_sharded_build_is_the_local_build_in_shards(ucm_run, tmp_path, monkeypat
     fields = tmp_path / "fields.json"
     fields.write_text(json.dumps({i: {"year": 2000 + n} for n, i in enumerate(ids)}))
     common = ["--fields", fields, "--device", "cpu", "--batch-size", "2"]
-    _cli("index", "build", ucm_run, data, "--out", tmp_path / "local", *common)
+    cli_in_process("index", "build", ucm_run, data, "--out", tmp_path / "local", *common)
 
     def dies(*args, **kwargs):
         raise RuntimeError("killed while writing the shards")
@@ -245,7 +228,9 @@ def test_sharded_build_is_the_local_build_in_shards(ucm_run, tmp_path, monkeypat
     assert len(saved) == 3 and not (tmp_path / "sh" / SHARDS).exists()
     monkeypatch.undo()
     monkeypatch.setattr(sharded, "_ray_encode_batches", dies)  # must not be needed
-    shown = _cli("index", "build", ucm_run, data, "--out", tmp_path / "sh", "--shards", 2, *common)
+    shown = cli_in_process(
+        "index", "build", ucm_run, data, "--out", tmp_path / "sh", "--shards", 2, *common
+    )
     assert "images: 6 items" in shown and not (tmp_path / "sh.partial").exists()
     cluster = read_cluster(tmp_path / "sh")
     assert [m["collections"]["images"]["count"] for m in cluster["committed"].values()] == [3, 3]

@@ -10,16 +10,14 @@ import shutil
 import httpx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from rshash.cli import app
 from rshash.data import load_dataset
 from rshash.index import Index, open_index
 from rshash.index.build import build_index
 from rshash.index.packing import code_bytes, pack_codes, pad_packed
 from rshash.index.sharded import ShardedIndex
 from rshash.service import ServiceConfig
-from tests.conftest import shards_of_index
+from tests.conftest import cli_in_process, ranked, shards_of_index
 from tests.service_server import running_service
 
 ray = pytest.importorskip("ray")
@@ -28,13 +26,6 @@ pytestmark = pytest.mark.slow  # Ray actors and a short run per code length
 BITS = [8, 24, 64, 200, 1024]  # 24 and 200: not whole 64-bit words; 8 and 1024: the limits
 COUNTS = {"images": 2100, "captions": 10500}
 RIVERS = 'class = "river" or class = "beach"'
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +48,6 @@ def archive_of_bits(tmp_path_factory, short_run, ucm_features, ucm_path):
 
 def _found(results):
     return [[(h.key, h.distance, h.id) for h in hits] for hits in results]
-
-
-def _cli(*args):
-    """The CLI in this process (one Ray for every sharded search, instead of one per call)."""
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
-def _ranked(output):
-    return [(h["id"], h["distance"]) for h in json.loads(output)]
 
 
 def _queries(index, bits, seed):
@@ -135,13 +115,13 @@ def test_cli_search_info_check_alike_at_every_length(local_ray, archive_of_bits,
     check must pass with every item counted."""
     local, shards = archive_of_bits(bits)
     query = ("search", "a river", "-k", "10", "--format", "json")
-    want = _ranked(_cli(query[0], local, *query[1:]))
+    want = ranked(cli_in_process(query[0], local, *query[1:]))
     assert len(want) == 10
-    assert _ranked(_cli(query[0], shards, *query[1:])) == want
-    info = _cli("index", "info", shards)
+    assert ranked(cli_in_process(query[0], shards, *query[1:])) == want
+    info = cli_in_process("index", "info", shards)
     assert f"{bits}-bit codes" in info
     assert "images: 2100 items, 0 removed" in info and "captions: 10500 items" in info
-    checked = _cli("index", "check", shards)
+    checked = cli_in_process("index", "check", shards)
     assert "images: ok, items 2100" in checked and "captions: ok, items 10500" in checked
     assert checked.rstrip().endswith(f"{shards}: ok")
 
@@ -155,14 +135,14 @@ def test_cli_formats_alike_on_a_sharded_index(local_ray, archive_of_bits, ucm_pa
     local, shards = archive_of_bits(24)
     image = ucm_path / "images" / "700.jpg"
     table = ("a river", "-k", "10", "--target", "captions", "--where", RIVERS)
-    want = _cli("search", local, *table)
-    assert _cli("search", shards, *table) == want and len(want.splitlines()) == 10
+    want = cli_in_process("search", local, *table)
+    assert cli_in_process("search", shards, *table) == want and len(want.splitlines()) == 10
     for args in (
         ("--image", image, "--radius", "3", "--format", "geojson"),
         ("a river", "-k", "10", "--format", "stac"),
     ):
-        want = json.loads(_cli("search", local, *args))["features"]
-        got = json.loads(_cli("search", shards, *args))["features"]
+        want = json.loads(cli_in_process("search", local, *args))["features"]
+        got = json.loads(cli_in_process("search", shards, *args))["features"]
         assert want and [f["id"] for f in got] == [f["id"] for f in want]
         assert got == want
 
@@ -241,9 +221,9 @@ def test_updates_keep_sharded_and_local_alike(local_ray, archive_of_bits, bits, 
     assert sharded.compact() == local.compact()
     same({"images": 2101, "captions": 10493})
     for path in (tmp_path / "local", tmp_path / "shards"):
-        checked = _cli("index", "check", path)
+        checked = cli_in_process("index", "check", path)
         assert "images: ok, items 2101" in checked and "captions: ok, items 10493" in checked
-    assert "images: 2101 items, 0 removed" in _cli("index", "info", tmp_path / "shards")
+    assert "images: 2101 items, 0 removed" in cli_in_process("index", "info", tmp_path / "shards")
 
 
 def test_a_field_new_to_one_shard_filters_after_a_refresh(local_ray, archive_of_bits, tmp_path):

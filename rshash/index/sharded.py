@@ -972,8 +972,7 @@ class ShardedIndex(Queries):
         view = self._view
         for name in view.names:
             try:
-                local = self._records[name].item(item_id, collection, view.shard_generation(name))
-                return local
+                return self._records[name].item(item_id, collection, view.shard_generation(name))
             except RshashError:
                 continue
         found = self._scatter(view, "item", lambda a, g: a.item.remote(g, item_id, collection))
