@@ -326,14 +326,35 @@ def _records_call(replica: Any, generation: int, collection: str, keys: list[int
     return replica.records.remote(generation, collection, keys)
 
 
-def merge_found(parts: list[Hits], radius: int | None) -> tuple[np.ndarray, ...]:
-    """One query's hits from every shard as (distances, keys, shard position), ordered by
-    (distance, key) as every engine orders them."""
+Packed = tuple[np.ndarray, ...]
+
+
+def pack_found(found: list[Hits]) -> Packed:
+    """Hits of many queries as three arrays (distances, keys, hits per query): Ray moves a few
+    arrays much faster than two per query (0.6 ms less CPU per call of 16 queries)."""
+    counts = np.array([len(keys) for _, keys in found], np.int64)
+    if not len(found):
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), counts
+    return np.concatenate([d for d, _ in found]), np.concatenate([k for _, k in found]), counts
+
+
+def merge_found(parts: list[Packed], k: int | None) -> Packed:
+    """The hits of a batch of queries from every shard (each part as `pack_found` gives it),
+    merged: per query ordered by (distance, key) as every engine orders them, the first `k`
+    (all with None); as (distances, keys, shard position of each hit) and hits per query."""
+    nq = len(parts[0][2])
     d = np.concatenate([p[0] for p in parts]).astype(np.int32)
     keys = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    shard = np.repeat(np.arange(len(parts)), [len(p[1]) for p in parts])
-    order = np.lexsort((keys, d))
-    return d[order], keys[order], shard[order]
+    query = np.concatenate([np.repeat(np.arange(nq), p[2]) for p in parts])
+    shard = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(parts)])
+    order = np.lexsort((keys, d, query))
+    d, keys, query, shard = d[order], keys[order], query[order], shard[order]
+    counts = np.bincount(query, minlength=nq)
+    if k is not None:
+        rank = np.arange(len(query)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = rank < k
+        d, keys, shard, counts = d[keep], keys[keep], shard[keep], np.minimum(counts, k)
+    return d, keys, shard, counts
 
 
 class ShardUnavailable(RshashError):
@@ -411,14 +432,15 @@ class _Shard:
         radius: int | None,
         filters: dict[str, Any],
         fields: dict[str, frozenset[str]] | None = None,
-    ) -> list[Hits]:
-        """(distances, keys) of each query's hits in this shard: no records (the caller reads
-        those of the merged top k only), a few bytes per hit through Ray. A filter comes with
-        the fields of every shard (see `_Shard.filtering`)."""
+    ) -> Packed:
+        """Each query's hits in this shard as (distances, keys) in three arrays (see
+        `pack_found`): no records (the caller reads those of the merged top k only), a few
+        bytes per hit through Ray. A filter comes with the fields of every shard (see
+        `_Shard.filtering`)."""
         index = self.filtering(self._at(generation), fields)
         if collection not in index.collections:
-            return [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in codes]
-        return index.search_found(codes, k, collection, radius, **filters)
+            return pack_found([(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in codes])
+        return pack_found(index.search_found(codes, k, collection, radius, **filters))
 
     def records(self, generation: int, collection: str, keys: list[int]) -> dict[int, Any]:
         """Records by key, from the shard generation held here."""
@@ -937,30 +959,30 @@ class ShardedIndex(Queries):
             "search",
             lambda a, g: a.search.remote(g, codes, k, collection, radius, filters, fields),
         )
-        merged = [merge_found([part[q] for part in parts], radius) for q in range(len(codes))]
-        if radius is None:
-            merged = [(d[:k], keys[:k], shard[:k]) for d, keys, shard in merged]
-        records = self._hit_records(view, collection, merged)
+        d, keys, shard, counts = merge_found(parts, None if radius is not None else k)
+        records = self._hit_records(view, collection, keys, shard)
+        rows = list(zip(d.tolist(), keys.tolist(), shard.tolist(), strict=True))
+        ends = np.cumsum(counts).tolist()
         return [
             [
                 Hit(key, dist, copy_record(records[s][key]))
-                for dist, key, s in zip(d.tolist(), keys.tolist(), shard.tolist(), strict=True)
-                if key in records[s]
+                for dist, key, s in rows[a:b]
+                if key in records[s]  # as a local index: a hit without a record is left out
             ]
-            for d, keys, shard in merged
+            for a, b in zip([0, *ends[:-1]], ends, strict=True)
         ]
 
     def _hit_records(
-        self, view: _View, collection: str, merged: list[tuple[np.ndarray, ...]]
+        self, view: _View, collection: str, keys: np.ndarray, shard: np.ndarray
     ) -> list[dict[int, dict[str, Any]]]:
         """Per shard (by position in the view), the records of its keys among the hits: read
         from its directory; a record gone from there (compacted since this view's generation)
         comes from a replica, which holds the generation."""
         found = []
         for s, name in enumerate(view.names):
-            keys = np.unique(np.concatenate([m[1][m[2] == s] for m in merged] or [np.zeros(0)]))
-            records = self._records[name].by_keys(collection, keys.tolist())
-            gone = [int(k) for k in keys.tolist() if int(k) not in records]
+            wanted = np.unique(keys[shard == s]).tolist()
+            records = self._records[name].by_keys(collection, wanted)
+            gone = [key for key in wanted if key not in records]
             if gone:
                 ask = partial(_records_call, collection=collection, keys=gone)
                 [held] = self._scatter(view, "records", ask, [name])
