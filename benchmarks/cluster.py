@@ -13,7 +13,7 @@ worker node's removal (its own round, beside a local round just before it). Fres
 an add's commit (local: `index.json`; sharded: `shards.json` flipped) to /healthz counting the
 new items, in `--refresh-interval`s. Records (`results/cluster.json`): scenario, replicas,
 node_removed, rps, p50_ms, p99_ms, errors, overhead (1 − sharded rps ÷ local rps),
-visible_after_intervals. Usage: python -m benchmarks.cluster [--seconds 10] [--rounds 3]
+visible_after_intervals. Usage: python -m benchmarks.cluster [--seconds 10] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def freshness(index_path: Path, port: int, start: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10, help="Seconds per round.")
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds per scenario.")
+    parser.add_argument("--rounds", type=int, default=5, help="Rounds per scenario.")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--name", default="cluster", help="Results file name (without suffix).")
     args = parser.parse_args()
