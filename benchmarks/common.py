@@ -91,8 +91,8 @@ def write_results(
 ) -> None:
     """`name`.json and `name`.md; `trained_on` (records with `machine`) lists where runs
     trained, beside the machine that assembled the table."""
+    meta = provenance()  # before writing: the results files must not make the tree dirty
     write_json_atomic(RESULTS / f"{name}.json", records)
-    meta = provenance()
     footer = f"\n\nTable assembled on: {machine()}; git {meta['git_revision']}.\n"
     if trained_on is not None:
         machines = sorted({json.dumps(r.get("machine"), sort_keys=True) for r in trained_on})
