@@ -217,6 +217,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--name", default="cluster", help="Results file name (without suffix).")
     args = parser.parse_args()
+    for name in ("seconds", "rounds", "clients"):  # before anything runs or is overwritten
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name}: expected a positive number, got {getattr(args, name)}")
     requests = [text_request(q) for q in text_pool(random.Random(0))]
     root = Path(tempfile.mkdtemp(prefix="rshash-cluster-bench-"))
     c, workers = start_cluster()
