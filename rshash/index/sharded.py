@@ -374,9 +374,7 @@ class _Shard:
     is for, so the shards of one query answer from one cluster generation.
     """
 
-    def __init__(
-        self, name: str, generation: int, contents: Any, fields: dict[str, frozenset[str]]
-    ) -> None:
+    def __init__(self, name: str, generation: int, contents: Any) -> None:
         import numba
         import ray
 
@@ -388,9 +386,9 @@ class _Shard:
         # milliseconds of CPU after each tiny search.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         numba.set_num_threads(max(1, min(int(cpus), numba.get_num_threads())))
-        self.load(generation, contents, fields)
+        self.load(generation, contents)
 
-    def load(self, generation: int, contents: Any, fields: dict[str, frozenset[str]]) -> None:
+    def load(self, generation: int, contents: Any) -> None:
         """Hold `generation` of the shard, from its files; drop all but the newest two."""
         if generation in self._held:
             return
@@ -401,7 +399,6 @@ class _Shard:
             target.write_bytes(data)
         built = encoded_with(json.loads((Path(folder.name) / "index.json").read_text()))
         index = Index.open(folder.name, device="cpu", backend=built, model=False)
-        index.shared_fields = fields  # a field of another shard matches nothing here
         probe = empty_codes(1, index.bits)
         for name, col in index.collections.items():  # compile the search kernels now
             if len(col):
@@ -448,9 +445,9 @@ class _Shard:
 
     @staticmethod
     def filtering(index: Index, fields: dict[str, frozenset[str]] | None) -> Index:
-        """`index`, knowing the fields of the cluster generation a filter is checked against:
-        a change to another shard may have added fields that this shard (unchanged, not
-        reloaded) matches nothing for."""
+        """`index`, knowing the fields of the cluster generation a filter is checked against
+        (they come with every filter, not with a loaded generation: a change to another shard
+        may add fields that this shard, unchanged and not reloaded, matches nothing for)."""
         if fields is not None:
             index.shared_fields = fields
         return index
@@ -682,9 +679,7 @@ class ShardedIndex(Queries):
             self._contents[name] = (view.shard_generation(name), contents)
             self._first_contents[name] = contents  # a restarting replica is built from it
             actors[name] = [
-                self._actor(name, i).remote(
-                    name, view.shard_generation(name), contents, view.fields
-                )
+                self._actor(name, i).remote(name, view.shard_generation(name), contents)
                 for i in range(self.replicas)
             ]
         pings = {name: [a.ping.remote() for a in reps] for name, reps in actors.items()}
@@ -812,7 +807,7 @@ class ShardedIndex(Queries):
         if view is not self._view or generation != view.shard_generation(name):
             return  # a query of a generation since replaced: nothing to do
         for replica in self._actors[name]:
-            replica.load.remote(generation, contents, view.fields)
+            replica.load.remote(generation, contents)
 
     def refresh(self) -> bool:
         """Move to the newest cluster generation; True once switched.
@@ -862,8 +857,7 @@ class ShardedIndex(Queries):
                 continue
             contents = self._ray.put(snapshot(self.path / name, view.committed[name]))
             refs = [
-                a.load.remote(view.shard_generation(name), contents, view.fields)
-                for a in self._actors[name]
+                a.load.remote(view.shard_generation(name), contents) for a in self._actors[name]
             ]
             ready, _ = self._ray.wait(refs, num_returns=1, timeout=START_TIMEOUT)
             if not ready:
